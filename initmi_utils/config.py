@@ -1,0 +1,252 @@
+"""Typed, frozen experiment configuration.
+
+One tree: ``ExperimentConfig(model, data, train, run)``. Every node is a frozen dataclass with
+``to_dict``/``from_dict``; derived values (``d_head``, the run's name) are properties, never
+defaults computed from another field. Seeds are separate on purpose:
+
+- ``run.seed`` is the *init* seed: a scheme's weights depend only on (scheme, run.seed);
+- ``data.seed`` fixes the synthetic data *and* the order batches are drawn in, so two seeds of
+  one scheme see exactly the same batches and differ only in their initial weights.
+
+Presets (``smoke``, ``quick``, ``full``) are functions of the preset name only; a run is a preset
+plus (scheme, seed): ``experiment("quick", scheme="xavier", seed=3)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from initmi_utils import __version__
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid experiment (the message says how to fix it)."""
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(
+            f"{cls.__name__} got unknown field(s) {unknown}; valid fields are {sorted(names)}."
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            v = d[f.name]
+            kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # attention heads per block
+    d_model: int = 128  # residual stream width; d_head = d_model // n_heads
+    d_mlp: int = 512  # MLP hidden width (ignored when attn_only)
+    d_vocab: int = 64  # vocabulary, token 0 is BOS
+    n_ctx: int = 64  # longest sequence the model accepts
+    act_fn: Literal["gelu", "relu"] = "gelu"  # MLP nonlinearity
+    attn_only: bool = False  # drop the MLPs (attention-only model)
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "n_heads", "d_model", "d_vocab", "n_ctx", "d_mlp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                f"choose d_model as a multiple of n_heads (e.g. d_model={self.n_heads * 32})."
+            )
+        if self.act_fn not in ("gelu", "relu"):
+            raise ConfigError(f"model.act_fn must be 'gelu' or 'relu', got {self.act_fn!r}.")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    seed: int = 0  # fixes the bigram chain, every data set and the batch order
+    seq_len: int = 64  # tokens per training sequence, BOS included
+    n_successors: int = 4  # each token's background successors (sparse bigram chain)
+    segment_min: int = 8  # shortest repeated segment
+    segment_max: int = 16  # longest repeated segment
+    n_val: int = 512  # validation sequences from the training distribution
+    rep_len: int = 24  # length of the random block in BOS + block + block
+    n_diagnostic: int = 256  # sequences in each diagnostic set
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 32  # sequences per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear warm-up, then constant
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    grad_clip: float = 1.0  # global grad-norm clip
+    eval_every: int = 50  # steps between evaluations
+    ckpt_every: int = 250  # regular checkpoints, on top of the log-spaced ones
+    n_log_ckpts: int = 12  # log-spaced checkpoints between step 1 and the end
+    emergence_threshold: float = 0.8  # induction accuracy that counts as "emerged"
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.ckpt_every < 1:
+            raise ConfigError("train.steps, batch_size, eval_every and ckpt_every must be >= 1.")
+        if not 0 < self.emergence_threshold <= 1:
+            raise ConfigError("train.emergence_threshold must lie in (0, 1].")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scheme: str = "normal"  # name in initmi_utils.schemes.SCHEMES
+    seed: int = 0  # init seed
+    preset: str = "quick"  # preset the run belongs to (names its folders)
+
+    @property
+    def name(self) -> str:
+        return f"{self.scheme}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        m, d = self.model, self.data
+        if d.seq_len > m.n_ctx:
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} is longer than model.n_ctx={m.n_ctx}; "
+                f"shorten the sequences or raise n_ctx."
+            )
+        if 1 + 2 * d.rep_len > m.n_ctx:
+            raise ConfigError(
+                f"the repeated-random diagnostic needs 1 + 2*data.rep_len = {1 + 2 * d.rep_len} "
+                f"tokens but model.n_ctx={m.n_ctx}; lower rep_len to {(m.n_ctx - 1) // 2} or less."
+            )
+        if not 2 <= d.segment_min <= d.segment_max:
+            raise ConfigError("data.segment_min must be >= 2 and <= data.segment_max.")
+        if 1 + 2 * d.segment_max + 2 > d.seq_len:
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} cannot hold a segment of {d.segment_max} tokens twice; "
+                f"use seq_len >= {2 * d.segment_max + 3} or a shorter segment_max."
+            )
+        n_tokens = m.d_vocab - 1  # token 0 is BOS
+        need = max(d.segment_max, d.rep_len, d.n_successors + 1)
+        if n_tokens < need:
+            raise ConfigError(
+                f"model.d_vocab={m.d_vocab} is too small for the data: segments and repeated blocks "
+                f"use distinct tokens, so the vocabulary needs at least {need + 1} tokens "
+                f"(BOS included); raise d_vocab or shorten segment_max/rep_len."
+            )
+        if d.n_successors < 1:
+            raise ConfigError("data.n_successors must be >= 1.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"]["betas"] = list(self.train.betas)
+        d["version"] = __version__
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        d = {k: v for k, v in d.items() if k != "version"}
+        parts = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "run": RunConfig}
+        unknown = sorted(set(d) - set(parts))
+        if unknown:
+            raise ConfigError(f"ExperimentConfig got unknown section(s) {unknown}; valid: {sorted(parts)}.")
+        return cls(**{k: _from_dict(c, d.get(k, {})) for k, c in parts.items()})
+
+    def replace(self, **sections: dict[str, Any]) -> "ExperimentConfig":
+        """A copy with some fields changed: ``cfg.replace(train={"steps": 10}, run={"seed": 1})``."""
+        d = self.to_dict()
+        for section, changes in sections.items():
+            if section not in d or section == "version":
+                raise ConfigError(f"unknown config section {section!r}; valid: model, data, train, run.")
+            d[section].update(changes)
+        return ExperimentConfig.from_dict(d)
+
+    @property
+    def data_hash(self) -> str:
+        """Identity of the data: the data config plus the vocabulary it is drawn from."""
+        key = {"data": dataclasses.asdict(self.data), "d_vocab": self.model.d_vocab}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. The science sets their lengths: `full` must run long enough for the slowest scheme
+# (scaled-residual emerged near step 2150 in the first measurements) to emerge or convincingly not.
+
+PRESETS: dict[str, ExperimentConfig] = {
+    # Seconds per run: a tiny model and a handful of steps; exercises every code path.
+    "smoke": ExperimentConfig(
+        model=ModelConfig(n_layers=2, n_heads=2, d_model=32, d_mlp=64, d_vocab=32, n_ctx=32),
+        data=DataConfig(seq_len=32, segment_min=4, segment_max=8, n_val=64, rep_len=10, n_diagnostic=32),
+        train=TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=10, ckpt_every=20, n_log_ckpts=3),
+    ),
+    # Minutes per run: the default model, long enough for the fast schemes to learn induction.
+    "quick": ExperimentConfig(train=TrainConfig(steps=1200, eval_every=50, ckpt_every=200, n_log_ckpts=8)),
+    # The study: long enough for the slow schemes.
+    "full": ExperimentConfig(train=TrainConfig(steps=4000, eval_every=50, ckpt_every=250, n_log_ckpts=12)),
+}
+
+PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4)}
+
+
+def experiment(preset: str = "quick", scheme: str = "normal", seed: int = 0) -> ExperimentConfig:
+    """The config of one run: a preset plus (scheme, init seed)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    from initmi_utils.schemes import check_scheme
+
+    check_scheme(scheme)
+    return dataclasses.replace(PRESETS[preset], run=RunConfig(scheme=scheme, seed=int(seed), preset=preset))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's artefacts live under a project root.
+
+    ``root/checkpoints/<preset>/<scheme>/seed<k>/`` holds weights; ``root/data/runs/...`` holds its
+    tables and executed notebooks; ``root/data/synthetic/<data_hash>/`` the shared data set.
+    """
+
+    root: Path
+    preset: str
+    scheme: str
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, root: str | Path = ".") -> "RunPaths":
+        return cls(Path(root), cfg.run.preset, cfg.run.scheme, cfg.run.seed)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints" / self.preset / self.scheme / f"seed{self.seed}"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "data" / "runs" / self.preset / self.scheme / f"seed{self.seed}"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.tables / "notebooks"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures" / self.preset / self.scheme / f"seed{self.seed}"
+
+
+def data_dir(cfg: ExperimentConfig, root: str | Path = ".") -> Path:
+    return Path(root) / "data" / "synthetic" / cfg.data_hash

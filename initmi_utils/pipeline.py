@@ -1,0 +1,276 @@
+"""The grid runner: every numbered notebook, in order, for every (scheme, seed) of a preset.
+
+    python -m initmi_utils.pipeline --preset quick [--schemes a,b] [--seeds 0,1]
+        [--notebooks 01,02] [--workers N] [--root DIR] [--param name=value ...] [--force]
+
+Per-run notebooks (those whose ``parameters`` cell has ``init_scheme``) run in number order for
+each run; the others (07_compare) run once per preset after every run. Executed notebooks go to
+``<root>/data/runs/<preset>/<scheme>/seed<k>/notebooks/`` (per preset ones to
+``<root>/data/runs/<preset>/notebooks/``), written atomically.
+
+Up to date = skipped: after a notebook succeeds a stamp records a hash of (notebook source,
+parameters, package version, the stamps of what it depends on); a rerun with the same hash
+skips it. Editing 01 therefore reruns everything downstream of it, like ``make``.
+
+The kernel is passed explicitly: a notebook's metadata says ``python3``, which on many machines
+resolves to a Python other than the project's venv (the venv-kernel trap). We register a
+kernelspec ``initmi`` whose argv is *this* interpreter and run every notebook with it.
+
+A failing notebook is reported with the path of its executed copy; the other runs go on, the
+run's later notebooks are skipped, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from initmi_utils import __version__
+from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment
+from initmi_utils.data import atomic_write_text
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+KERNEL_NAME = "initmi"
+RUN_PARAMS = ("init_scheme", "seed", "preset", "root")
+
+
+class PipelineError(ValueError):
+    """Bad pipeline input (unknown notebook, parameter, scheme or seed)."""
+
+
+@dataclass(frozen=True)
+class Notebook:
+    path: Path
+    parameters: tuple[str, ...]
+
+    @property
+    def number(self) -> str:
+        return self.path.name.split("_", 1)[0]
+
+    @property
+    def per_run(self) -> bool:
+        return "init_scheme" in self.parameters
+
+
+def discover(notebook_dir: Path = NOTEBOOK_DIR) -> list[Notebook]:
+    """Numbered notebooks (``NN_name.ipynb``) with the names in their ``parameters`` cell."""
+    import papermill
+
+    found = []
+    for path in sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb")):
+        params = papermill.inspect_notebook(str(path))
+        found.append(Notebook(path, tuple(params)))
+    return found
+
+
+def ensure_kernel() -> str:
+    """Register (once) a kernelspec named ``initmi`` that runs this interpreter; return its name."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+        if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
+            return KERNEL_NAME
+    except NoSuchKernel:
+        pass
+    from ipykernel.kernelspec import install
+
+    install(kernel_name=KERNEL_NAME, display_name="initmi (project venv)", prefix=sys.prefix)
+    return KERNEL_NAME
+
+
+def _hash(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Job:
+    """One notebook execution."""
+
+    notebook: Notebook
+    output: Path
+    parameters: dict
+    depends: list["Job"] = field(default_factory=list)
+    key: str = ""
+    status: str = "pending"  # pending | skipped | ok | failed | blocked
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def stamp(self) -> Path:
+        return self.output.with_suffix(".ok.json")
+
+    def compute_key(self) -> str:
+        self.key = _hash(self.notebook.path.read_bytes(), self.parameters, __version__, [d.key for d in self.depends])
+        return self.key
+
+    def up_to_date(self) -> bool:
+        return self.stamp.exists() and self.output.exists() and json.loads(self.stamp.read_text()).get("key") == self.key
+
+
+def execute(job: Job, kernel: str, log=print) -> None:
+    """Run one notebook with papermill; the executed copy is written atomically either way."""
+    import papermill
+
+    if any(d.status in ("failed", "blocked") for d in job.depends):
+        job.status = "blocked"
+        return
+    job.compute_key()
+    if job.up_to_date():
+        job.status = "skipped"
+        return
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = job.output.with_name(f".{job.output.name}.{os.getpid()}.tmp.ipynb")
+    job.stamp.unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(job.notebook.path), str(tmp), parameters=job.parameters, kernel_name=kernel,
+            cwd=str(job.notebook.path.parent), progress_bar=False, request_save_on_cell_execute=False,
+        )
+        job.status = "ok"
+    except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
+        job.status = "failed"
+        job.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    finally:
+        job.seconds = time.perf_counter() - start
+        if tmp.exists():
+            os.replace(tmp, job.output)
+    if job.status == "ok":
+        atomic_write_text(job.stamp, json.dumps({"key": job.key, "seconds": round(job.seconds, 2)}))
+    log(f"[{job.status:>6}] {job.notebook.path.name} {job.parameters.get('init_scheme', '')} "
+        f"seed={job.parameters.get('seed', '-')} ({job.seconds:.1f}s) -> {job.output}"
+        + (f"\n         {job.error}" if job.error else ""))
+
+
+def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Notebook], root: Path,
+         extra: dict) -> tuple[list[list[Job]], list[Job]]:
+    """Per-run chains of jobs and the per-preset jobs that depend on all of them."""
+    chains = []
+    for scheme in schemes:
+        for seed in seeds:
+            paths = RunPaths.of(experiment(preset, scheme, seed), root)
+            chain: list[Job] = []
+            for nb in (n for n in notebooks if n.per_run):
+                params = {"init_scheme": scheme, "seed": seed, "preset": preset, "root": str(root)}
+                params.update({k: v for k, v in extra.items() if k in nb.parameters})
+                chain.append(Job(nb, paths.notebooks / nb.path.name, params, depends=chain[-1:]))
+            chains.append(chain)
+    finals = []
+    all_runs = [j for c in chains for j in c]
+    for nb in (n for n in notebooks if not n.per_run):
+        params = {k: v for k, v in {"preset": preset, "root": str(root), **extra}.items() if k in nb.parameters}
+        finals.append(Job(nb, root / "data" / "runs" / preset / "notebooks" / nb.path.name, params,
+                          depends=[j for c in chains for j in c[-1:]] if all_runs else []))
+    return chains, finals
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv: list[str] | None, notebooks: list[Notebook]):
+    from initmi_utils.schemes import SCHEMES
+
+    p = argparse.ArgumentParser(prog="python -m initmi_utils.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
+    p.add_argument("--schemes", default="", help="comma-separated init schemes (default: all registered)")
+    p.add_argument("--seeds", default="", help="comma-separated init seeds (default: the preset's seeds)")
+    p.add_argument("--notebooks", default="", help="comma-separated notebook numbers, e.g. 01,02 (default: all)")
+    p.add_argument("--workers", type=int, default=1, help="runs executed in parallel (default 1)")
+    p.add_argument("--root", default=".", help="directory for every artefact (default: the current directory)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra notebook parameter (JSON value), passed to the notebooks that declare it")
+    p.add_argument("--force", action="store_true", help="rerun notebooks even when up to date")
+    a = p.parse_args(argv)
+
+    if a.preset not in PRESETS:
+        raise PipelineError(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}.")
+    schemes = [s for s in a.schemes.split(",") if s] or list(SCHEMES)
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise PipelineError(f"unknown init scheme(s) {unknown}; supported schemes: {', '.join(SCHEMES)}.")
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s] or list(PRESET_SEEDS[a.preset])
+    except ValueError:
+        raise PipelineError(f"--seeds must be comma-separated integers, got {a.seeds!r}.") from None
+    numbers = {nb.number: nb for nb in notebooks}
+    chosen = [n for n in a.notebooks.split(",") if n]
+    missing = [n for n in chosen if n not in numbers]
+    if missing:
+        raise PipelineError(f"unknown notebook number(s) {missing}; available: {', '.join(numbers)}.")
+    selected = [numbers[n] for n in sorted(chosen)] if chosen else notebooks
+    extra = {}
+    declared = {name for nb in selected for name in nb.parameters} - set(RUN_PARAMS)
+    for item in a.param:
+        name, sep, value = item.partition("=")
+        if not sep or name not in declared:
+            raise PipelineError(
+                f"unknown notebook parameter {name!r} (from --param {item!r}); the selected notebooks "
+                f"declare: {', '.join(sorted(declared)) or 'none besides ' + ', '.join(RUN_PARAMS)}. "
+                f"Use --param NAME=VALUE."
+            )
+        extra[name] = _parse_value(value)
+    if a.workers < 1:
+        raise PipelineError("--workers must be >= 1.")
+    return a, schemes, seeds, selected, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        notebooks = discover()
+        a, schemes, seeds, selected, extra = parse_args(argv, notebooks)
+        root = Path(a.root).resolve()
+        chains, finals = plan(a.preset, schemes, seeds, selected, root, extra)
+    except (PipelineError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kernel = ensure_kernel()
+    if a.workers > 1:  # share the cores between concurrent kernels instead of oversubscribing them
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.workers)))
+    if a.force:
+        for job in [j for c in chains for j in c] + finals:
+            job.stamp.unlink(missing_ok=True)
+
+    start = time.perf_counter()
+    print(f"initmi pipeline: preset={a.preset} runs={len(chains)} notebooks="
+          f"{','.join(nb.number for nb in selected)} root={root} kernel={kernel}", flush=True)
+
+    def run_chain(chain: list[Job]) -> None:
+        for job in chain:
+            execute(job, kernel, log=lambda s: print(s, flush=True))
+
+    with ThreadPoolExecutor(max_workers=a.workers) as pool:
+        list(pool.map(run_chain, chains))
+    for job in finals:
+        failed_runs = [j for c in chains for j in c if j.status in ("failed", "blocked")]
+        if failed_runs:  # the comparison still runs; its report names the missing runs
+            job.depends = [j for j in job.depends if j.status not in ("failed", "blocked")]
+        execute(job, kernel, log=lambda s: print(s, flush=True))
+
+    jobs = [j for c in chains for j in c] + finals
+    failed = [j for j in jobs if j.status in ("failed", "blocked")]
+    counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "skipped", "failed", "blocked")}
+    print(f"done in {time.perf_counter() - start:.0f}s: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    for j in failed:
+        print(f"FAILED: {j.notebook.path.name} {j.parameters} -> {j.output}"
+              + (f" ({j.error})" if j.error else " (not run: an earlier notebook of this run failed)"),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

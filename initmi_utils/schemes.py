@@ -1,0 +1,197 @@
+"""Initialisation schemes: a name -> scheme registry.
+
+A scheme writes every parameter of a freshly built ``Transformer`` (whose parameters start as
+NaN). Parameters are selected by *exact* name through ``param_role``; an unknown name raises,
+so a new parameter can never silently keep its NaN. Every matrix is drawn on its *logical*
+matrix ``[fan_in, fan_out]`` (``logical_matrix``): W_Q of all heads is one ``d_model -> n_heads *
+d_head`` map, W_O one ``n_heads * d_head -> d_model`` map, W_E one ``d_vocab -> d_model`` map (a
+one-hot input), W_U one ``d_model -> d_vocab`` map.
+
+The generator is seeded by the init seed alone and parameters are visited in a fixed order, so
+schemes share their random numbers: ``normal`` and ``scaled_residual`` of one seed differ *only*
+by the residual factor (common random numbers make scheme comparisons less noisy).
+
+New schemes register themselves with ``@register_scheme(name, description)``; nothing else in
+the package changes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from initmi_utils.model import Transformer
+
+NORMAL_STD = 0.02
+RELU_GAIN = math.sqrt(2.0)  # torch.nn.init.calculate_gain("relu"); also used for GELU
+
+_ROLE_PATTERNS: list[tuple[str, re.Pattern]] = [
+    (role, re.compile(pattern))
+    for role, pattern in [
+        ("W_E", r"embed\.W_E"),
+        ("W_pos", r"pos_embed\.W_pos"),
+        ("W_U", r"unembed\.W_U"),
+        ("W_Q", r"blocks\.\d+\.attn\.W_Q"),
+        ("W_K", r"blocks\.\d+\.attn\.W_K"),
+        ("W_V", r"blocks\.\d+\.attn\.W_V"),
+        ("W_O", r"blocks\.\d+\.attn\.W_O"),
+        ("W_in", r"blocks\.\d+\.mlp\.W_in"),
+        ("W_out", r"blocks\.\d+\.mlp\.W_out"),
+        ("bias", r"blocks\.\d+\.attn\.b_[QKVO]|blocks\.\d+\.mlp\.b_(in|out)"),
+        ("ln_w", r"(blocks\.\d+\.ln[12]|ln_final)\.w"),
+        ("ln_b", r"(blocks\.\d+\.ln[12]|ln_final)\.b"),
+    ]
+]
+MATRIX_ROLES = ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_U")
+RESIDUAL_WRITERS = ("W_O", "W_out")  # matrices whose output is added to the residual stream
+
+
+def param_role(name: str) -> str:
+    """The role of a parameter, matched on its full name (never a substring)."""
+    for role, pattern in _ROLE_PATTERNS:
+        if pattern.fullmatch(name):
+            return role
+    raise KeyError(f"no init role for parameter {name!r}; add it to schemes._ROLE_PATTERNS.")
+
+
+def logical_matrix(role: str, w: Tensor) -> Tensor:
+    """The ``[fan_in, fan_out]`` matrix a stored parameter represents (a view-like copy)."""
+    if role in ("W_Q", "W_K", "W_V"):  # [head, d_model, d_head] -> [d_model, head * d_head]
+        return w.permute(1, 0, 2).reshape(w.shape[1], -1)
+    if role == "W_O":  # [head, d_head, d_model] -> [head * d_head, d_model]
+        return w.reshape(-1, w.shape[-1])
+    return w
+
+
+def from_logical(role: str, m: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of ``logical_matrix``: back to the stored shape."""
+    if role in ("W_Q", "W_K", "W_V"):
+        n_heads, d_model, d_head = shape
+        return m.reshape(d_model, n_heads, d_head).permute(1, 0, 2).contiguous()
+    return m.reshape(shape)
+
+
+# A matrix sampler gets (role, fan_in, fan_out, generator) and returns a [fan_in, fan_out] matrix.
+MatrixSampler = Callable[[str, int, int, torch.Generator], Tensor]
+SchemeFn = Callable[[Transformer, object, torch.Generator, Path], None]
+
+
+def init_matrices(model: Transformer, sample: MatrixSampler, generator: torch.Generator) -> None:
+    """Write every parameter: matrices from ``sample``, LayerNorm gains 1, all biases 0."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            role = param_role(name)
+            if role in MATRIX_ROLES:
+                fan_in, fan_out = logical_matrix(role, p).shape
+                m = sample(role, fan_in, fan_out, generator).to(torch.float32)
+                p.copy_(from_logical(role, m, p.shape))
+            elif role == "ln_w":
+                p.fill_(1.0)
+            else:  # ln_b, bias
+                p.zero_()
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    fn: SchemeFn
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(name: str, description: str) -> Callable[[SchemeFn], SchemeFn]:
+    """Register ``fn(model, cfg, generator, root)`` under ``name``; a duplicate name raises.
+
+    ``cfg`` is the run's ``ExperimentConfig`` (may be None for schemes that need only the model);
+    ``root`` the project root, for schemes that read artefacts (a trained donor model).
+    """
+
+    def decorate(fn: SchemeFn) -> SchemeFn:
+        if name in SCHEMES:
+            raise ValueError(f"init scheme {name!r} is already registered.")
+        SCHEMES[name] = Scheme(name, description, fn)
+        return fn
+
+    return decorate
+
+
+def check_scheme(name: str) -> None:
+    if name not in SCHEMES:
+        raise ValueError(f"unknown init scheme {name!r}; supported schemes: {', '.join(SCHEMES)}.")
+
+
+def init_weights(model: Transformer, scheme: str, seed: int, cfg=None, root: str | Path = ".") -> Transformer:
+    """Initialise ``model`` in place with ``scheme``; weights depend only on (scheme, seed).
+
+    ``cfg`` (the ``ExperimentConfig``) and ``root`` are passed to schemes that need more than the
+    model, such as one seeded from a trained donor.
+    """
+    check_scheme(scheme)
+    generator = torch.Generator().manual_seed(int(seed))
+    SCHEMES[scheme].fn(model, cfg, generator, Path(root))
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"init scheme {scheme!r} left parameters uninitialised: {bad}.")
+    return model
+
+
+def build_model(cfg, root: str | Path = ".") -> Transformer:
+    """The run's model at step 0: ``cfg.model`` initialised with (cfg.run.scheme, cfg.run.seed)."""
+    return init_weights(Transformer(cfg.model), cfg.run.scheme, cfg.run.seed, cfg, root)
+
+
+# ---------------------------------------------------------------------------------------------
+# The five base schemes.
+
+
+def _normal(role: str, fan_in: int, fan_out: int, g: torch.Generator) -> Tensor:
+    return torch.randn(fan_in, fan_out, generator=g) * NORMAL_STD
+
+
+@register_scheme("normal", "N(0, 0.02^2) on every matrix")
+def normal(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
+    init_matrices(model, _normal, g)
+
+
+@register_scheme("xavier", "Glorot uniform U(-a, a), a = sqrt(6 / (fan_in + fan_out))")
+def xavier(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
+    def sample(role, fan_in, fan_out, g):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return (torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound
+
+    init_matrices(model, sample, g)
+
+
+@register_scheme("kaiming", "He normal, fan-in, ReLU gain sqrt(2): N(0, 2 / fan_in)")
+def kaiming(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
+    def sample(role, fan_in, fan_out, g):
+        return torch.randn(fan_in, fan_out, generator=g) * (RELU_GAIN / math.sqrt(fan_in))
+
+    init_matrices(model, sample, g)
+
+
+@register_scheme("orthogonal", "semi-orthogonal logical matrices, gain 1 (W W^T = I on the short side)")
+def orthogonal(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
+    def sample(role, fan_in, fan_out, g):
+        return torch.nn.init.orthogonal_(torch.empty(fan_in, fan_out), gain=1.0, generator=g)
+
+    init_matrices(model, sample, g)
+
+
+@register_scheme("scaled_residual", "N(0, 0.02^2), residual writers (W_O, W_out) x 1/sqrt(2L)")
+def scaled_residual(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
+    factor = 1.0 / math.sqrt(2 * model.cfg.n_layers)
+
+    def sample(role, fan_in, fan_out, g):
+        m = _normal(role, fan_in, fan_out, g)
+        return m * factor if role in RESIDUAL_WRITERS else m
+
+    init_matrices(model, sample, g)

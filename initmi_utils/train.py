@@ -1,0 +1,190 @@
+"""Training: AdamW with warm-up, periodic evaluation, checkpoints, bitwise resume.
+
+``train(cfg, root)`` trains one run and returns its tidy metrics table (run, scheme, seed,
+preset, step, metric, value). It is idempotent: a finished run is loaded, not retrained; a killed
+run resumes from its last checkpoint and ends with the same bytes as an uninterrupted one (the
+batch of step t depends only on (data.seed, t), the optimizer state is saved with each
+checkpoint, and nothing else is random).
+
+The learning rate is linear warm-up then *constant*: a shorter preset is then exactly a prefix
+of a longer one, so ``quick`` and ``full`` runs agree step for step.
+
+Checkpoints: step 0, log-spaced steps, every ``ckpt_every`` steps, the final step, and, densely
+around emergence, every evaluation at which induction accuracy moved by >= ``ADAPTIVE_DELTA``
+since the last checkpoint.
+
+Command line: ``python -m initmi_utils.train --preset quick --scheme xavier --seed 0 [--root DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from initmi_utils.behavior import induction_scores, next_token_stats
+from initmi_utils.checkpoints import (
+    load_resume_state,
+    save_checkpoint,
+    save_resume_state,
+    step_path,
+)
+from initmi_utils.config import ExperimentConfig, RunPaths, TrainConfig, experiment
+from initmi_utils.data import Dataset, atomic_write_text, load_dataset
+from initmi_utils.model import Transformer, loss_fn, torch_threads
+from initmi_utils.schemes import build_model
+from initmi_utils.tables import table_path, write_table
+
+ADAPTIVE_DELTA = 0.1  # induction-accuracy change that triggers an extra checkpoint
+
+
+class RunConfigMismatch(RuntimeError):
+    """Artefacts in a run folder were written by a different config."""
+
+
+def checkpoint_schedule(t: TrainConfig) -> list[int]:
+    """Step 0, ``n_log_ckpts`` log-spaced steps, every ``ckpt_every`` steps and the last step."""
+    log_steps = np.unique(np.round(np.geomspace(1, t.steps, t.n_log_ckpts)).astype(int)) if t.n_log_ckpts else []
+    return sorted({0, t.steps, *range(t.ckpt_every, t.steps, t.ckpt_every), *map(int, log_steps)})
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, ds: Dataset) -> dict[str, float]:
+    """Validation loss/accuracy/logit difference, the same on BOS+A+A, and the best head's induction score."""
+    was_training = model.training
+    model.eval()
+    out = {f"val_{k}": v for k, v in next_token_stats(model(ds.val.tokens), ds.val).items()}
+    patterns: list = []
+    rep_logits = model(ds.rep.tokens, patterns)
+    out.update({f"rep_{k}": v for k, v in next_token_stats(rep_logits, ds.rep).items()})
+    out["induction_score"] = induction_scores(patterns, ds.d.rep_len).max().item()
+    model.train(was_training)
+    return out
+
+
+def _optimizer(model: Transformer, t: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW with decoupled weight decay on matrices only (not LayerNorm gains or biases)."""
+    named = list(model.named_parameters())
+    decay = [(n, p) for n, p in named if p.ndim >= 2]
+    no_decay = [(n, p) for n, p in named if p.ndim < 2]
+    groups = [
+        {"params": [p for _, p in decay], "weight_decay": t.weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, foreach=True)
+    return opt, [n for n, _ in decay] + [n for n, _ in no_decay]
+
+
+def _rows(step: int, metrics: dict[str, float]) -> list[dict]:
+    return [dict(step=step, metric=k, value=float(v)) for k, v in metrics.items()]
+
+
+def _check_same_config(found: dict, cfg: ExperimentConfig, where: Path) -> None:
+    want = cfg.to_dict()
+    if {k: v for k, v in found.items() if k != "version"} != {k: v for k, v in want.items() if k != "version"}:
+        raise RunConfigMismatch(
+            f"{where} was written by a different config than this run's; delete that run folder "
+            f"({where.parent}) or train into another --root."
+        )
+
+
+def train(cfg: ExperimentConfig, root: str | Path = ".", progress: bool = True) -> pd.DataFrame:
+    """Train (or resume, or load) one run; returns its metrics in long format."""
+    paths = RunPaths.of(cfg, root)
+    folder, table = paths.checkpoints, table_path(cfg, "metrics", root)
+    done = folder / "done.json"
+    if done.exists():
+        _check_same_config(json.loads(done.read_text())["config"], cfg, done)
+        return pd.read_parquet(table)
+
+    t = cfg.train
+    with torch_threads(t.threads):
+        ds = load_dataset(cfg, root)
+        model = build_model(cfg, root)
+        model.train()
+        opt, names = _optimizer(model, t)
+        schedule = set(checkpoint_schedule(t))
+
+        state = load_resume_state(folder, opt, names)
+        if state is not None:
+            _check_same_config(state["config"], cfg, folder / "resume.safetensors")
+            model.load_state_dict(load_file(str(step_path(folder, state["step"]))))
+        else:
+            metrics = evaluate(model, ds)
+            state = {"config": cfg.to_dict(), "step": 0, "rows": _rows(0, metrics), "loss_sum": 0.0,
+                     "loss_n": 0, "ckpt_acc": metrics["val_acc_induction"], "checkpoints": [0]}
+            save_checkpoint(folder, model, cfg, 0, metrics)
+            save_resume_state(folder, opt, names, state)
+            write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
+
+        bar = tqdm(total=t.steps, initial=state["step"], file=sys.stdout, ascii=True, mininterval=5,
+                   disable=not progress, desc=cfg.run.name)
+        for step in range(state["step"], t.steps):
+            batch = ds.train_batch(step, t.batch_size)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, t)
+            loss = loss_fn(model(batch.tokens), batch.tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            done_steps = step + 1
+            state["loss_sum"] += loss.item()
+            state["loss_n"] += 1
+            bar.update(1)
+
+            is_ckpt = done_steps in schedule
+            if done_steps % t.eval_every == 0 or is_ckpt:
+                metrics = evaluate(model, ds)
+                metrics["train_loss"] = state["loss_sum"] / state["loss_n"]
+                state["loss_sum"], state["loss_n"] = 0.0, 0
+                state["rows"] += _rows(done_steps, metrics)
+                bar.set_postfix(loss=f"{metrics['val_loss']:.3f}", ind_acc=f"{metrics['val_acc_induction']:.2f}",
+                                refresh=False)
+                if abs(metrics["val_acc_induction"] - state["ckpt_acc"]) >= ADAPTIVE_DELTA:
+                    is_ckpt = True
+                if is_ckpt:
+                    state["step"], state["ckpt_acc"] = done_steps, metrics["val_acc_induction"]
+                    state["checkpoints"].append(done_steps)
+                    save_checkpoint(folder, model, cfg, done_steps, metrics)
+                    save_resume_state(folder, opt, names, state)
+                    write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
+        bar.close()
+
+    write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
+    atomic_write_text(done, json.dumps({"config": cfg.to_dict(), "checkpoints": state["checkpoints"],
+                                        "final_metrics": {r["metric"]: r["value"] for r in state["rows"]
+                                                          if r["step"] == t.steps}}, indent=2, sort_keys=True))
+    (folder / "resume.safetensors").unlink(missing_ok=True)
+    return pd.read_parquet(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Train one (scheme, seed) run of a preset.")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--scheme", default="normal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default=".")
+    a = p.parse_args(argv)
+    try:
+        cfg = experiment(a.preset, a.scheme, a.seed)
+        train(cfg, a.root)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
