@@ -198,7 +198,7 @@ PRESETS: dict[str, ExperimentConfig] = {
     # Minutes per run: the default model, long enough for the fast schemes to learn induction.
     "quick": ExperimentConfig(train=TrainConfig(steps=1200, eval_every=50, ckpt_every=200, n_log_ckpts=8)),
     # The study: long enough for the slow schemes.
-    "full": ExperimentConfig(train=TrainConfig(steps=4000, eval_every=50, ckpt_every=250, n_log_ckpts=12)),
+    "full": ExperimentConfig(train=TrainConfig(steps=6000, eval_every=50, ckpt_every=250, n_log_ckpts=12)),
 }
 
 PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4)}

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -118,7 +119,47 @@ class Job:
         return self.stamp.exists() and self.output.exists() and json.loads(self.stamp.read_text()).get("key") == self.key
 
 
-def execute(job: Job, kernel: str, log=print) -> None:
+class WarmKernel:
+    """One kernel reused for a worker's notebooks, its namespace reset between them.
+
+    Starting a kernel and importing torch + transformer_lens costs seconds per notebook; a grid
+    of 7 notebooks x 35 runs would spend most of its overhead there. ``%reset -f`` empties the
+    user namespace (no state leaks from one notebook into the next) while the imported modules
+    stay loaded. A kernel that died or failed a notebook is replaced by a fresh one.
+    """
+
+    def __init__(self, kernel_name: str, cwd: Path):
+        self.kernel_name, self.cwd, self.km = kernel_name, cwd, None
+
+    def get(self):
+        from jupyter_client.manager import KernelManager
+
+        if self.km is None or not self.km.is_alive():
+            self.km = KernelManager(kernel_name=self.kernel_name)
+            self.km.start_kernel(cwd=str(self.cwd))
+        else:
+            kc = self.km.client()
+            kc.start_channels()
+            try:
+                kc.wait_for_ready(timeout=60)
+                reply = kc.execute_interactive("get_ipython().run_line_magic('reset', '-f')", timeout=60,
+                                               store_history=False)
+                if reply["content"]["status"] != "ok":
+                    raise RuntimeError("reset failed")
+            finally:
+                kc.stop_channels()
+        return self.km
+
+    def discard(self) -> None:
+        if self.km is not None:
+            try:
+                self.km.shutdown_kernel(now=True)
+            except Exception:
+                pass
+            self.km = None
+
+
+def execute(job: Job, kernel: str, log=print, warm: WarmKernel | None = None) -> None:
     """Run one notebook with papermill; the executed copy is written atomically either way."""
     import papermill
 
@@ -137,10 +178,13 @@ def execute(job: Job, kernel: str, log=print) -> None:
         papermill.execute_notebook(
             str(job.notebook.path), str(tmp), parameters=job.parameters, kernel_name=kernel,
             cwd=str(job.notebook.path.parent), progress_bar=False, request_save_on_cell_execute=False,
+            **({"km": warm.get()} if warm is not None else {}),
         )
         job.status = "ok"
     except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
         job.status = "failed"
+        if warm is not None:
+            warm.discard()
         job.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     finally:
         job.seconds = time.perf_counter() - start
@@ -195,6 +239,7 @@ def parse_args(argv: list[str] | None, notebooks: list[Notebook]):
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="extra notebook parameter (JSON value), passed to the notebooks that declare it")
     p.add_argument("--force", action="store_true", help="rerun notebooks even when up to date")
+    p.add_argument("--cold", action="store_true", help="a fresh kernel for every notebook (slower; for debugging)")
     a = p.parse_args(argv)
 
     if a.preset not in PRESETS:
@@ -249,17 +294,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"initmi pipeline: preset={a.preset} runs={len(chains)} notebooks="
           f"{','.join(nb.number for nb in selected)} root={root} kernel={kernel}", flush=True)
 
+    local = threading.local()
+    warms: list[WarmKernel] = []
+
+    def warm_kernel() -> WarmKernel | None:
+        if a.cold:
+            return None
+        if not hasattr(local, "warm"):
+            local.warm = WarmKernel(kernel, NOTEBOOK_DIR)
+            warms.append(local.warm)
+        return local.warm
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
     def run_chain(chain: list[Job]) -> None:
         for job in chain:
-            execute(job, kernel, log=lambda s: print(s, flush=True))
+            execute(job, kernel, log, warm_kernel())
 
-    with ThreadPoolExecutor(max_workers=a.workers) as pool:
-        list(pool.map(run_chain, chains))
-    for job in finals:
-        failed_runs = [j for c in chains for j in c if j.status in ("failed", "blocked")]
-        if failed_runs:  # the comparison still runs; its report names the missing runs
+    try:
+        with ThreadPoolExecutor(max_workers=a.workers) as pool:
+            list(pool.map(run_chain, chains))
+        for job in finals:
+            # The comparison runs even when some runs failed: its report names the missing runs.
             job.depends = [j for j in job.depends if j.status not in ("failed", "blocked")]
-        execute(job, kernel, log=lambda s: print(s, flush=True))
+            execute(job, kernel, log, warm_kernel())
+    finally:
+        for w in warms:
+            w.discard()
 
     jobs = [j for c in chains for j in c] + finals
     failed = [j for j in jobs if j.status in ("failed", "blocked")]

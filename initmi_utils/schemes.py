@@ -195,3 +195,90 @@ def scaled_residual(model: Transformer, cfg, g: torch.Generator, root: Path) -> 
         return m * factor if role in RESIDUAL_WRITERS else m
 
     init_matrices(model, sample, g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mimetic initialisation (Trockman & Kolter 2023, "Mimetic Initialization of Self-Attention Layers").
+
+
+@dataclass(frozen=True)
+class MimeticConstants:
+    """The targets of mimetic init: ``W_Q W_K^T ≈ alpha_qk Z1 + beta_qk I`` per head and
+    ``W_V W_O ≈ alpha_vo Z2 - beta_vo I``, with ``Z`` i.i.d. ``N(0, 1/d_model)``.
+
+    The defaults are the paper's (and its reference code's): alpha_1 = beta_1 = 0.7 for
+    query-key, alpha_2 = beta_2 = 0.4 for value-output. They were chosen on vision transformers,
+    where pre-trained heads show a positive QK diagonal and a negative VO diagonal.
+
+    ``vo_per_layer``: the paper factorises the *layer's* value-output map (all heads' ``W_V``
+    concatenated ``[d_model, n_heads * d_head]`` times the stacked ``W_O``), which is square and
+    so exactly ``alpha Z2 - beta I``; its singular directions are dealt to the heads in a random
+    order so that no head is special. ``False`` instead draws an independent ``Z2`` per head and
+    keeps its top ``d_head`` directions, like query-key (the sum over heads is then only roughly
+    ``-beta I``).
+    """
+
+    alpha_qk: float = 0.7
+    beta_qk: float = 0.7
+    alpha_vo: float = 0.4
+    beta_vo: float = 0.4
+    vo_per_layer: bool = True
+
+
+MIMETIC = MimeticConstants()
+
+
+def mimetic_factors(d_model: int, rank: int, alpha: float, beta: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``L, R`` of shape ``[d_model, rank]`` with ``L R^T`` the best rank-``rank`` approximation of
+    ``alpha Z + beta I`` (``Z`` i.i.d. ``N(0, 1/d_model)``): the SVD ``U S V^T`` split as
+    ``L = U_k sqrt(S_k)``, ``R = V_k sqrt(S_k)``, so both factors get the same scale."""
+    m = alpha * torch.randn(d_model, d_model, generator=g) / math.sqrt(d_model) + beta * torch.eye(d_model)
+    u, s, vh = torch.linalg.svd(m)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, vh[:rank].T * root
+
+
+def mimetic_attention(model: Transformer, g: torch.Generator, c: MimeticConstants = MIMETIC) -> None:
+    """Overwrite every layer's ``W_Q, W_K, W_V, W_O`` with mimetic factors (biases untouched)."""
+    n_heads, d_model, d_head = model.cfg.n_heads, model.cfg.d_model, model.cfg.d_head
+    with torch.no_grad():
+        for block in model.blocks:
+            a = block.attn
+            for h in range(n_heads):  # an independent Z1 per head
+                a.W_Q[h], a.W_K[h] = mimetic_factors(d_model, d_head, c.alpha_qk, c.beta_qk, g)
+            if c.vo_per_layer:
+                v, o = mimetic_factors(d_model, d_model, c.alpha_vo, -c.beta_vo, g)
+                order = torch.randperm(d_model, generator=g)  # n_heads * d_head == d_model
+                a.W_V.copy_(from_logical("W_V", v[:, order], a.W_V.shape))
+                a.W_O.copy_(from_logical("W_O", o[:, order].T, a.W_O.shape))
+            else:
+                for h in range(n_heads):
+                    v, o = mimetic_factors(d_model, d_head, c.alpha_vo, -c.beta_vo, g)
+                    a.W_V[h], a.W_O[h] = v, o.T
+
+
+@register_scheme(
+    "mimetic",
+    "Trockman & Kolter 2023: per head W_Q W_K^T ~ 0.7 Z + 0.7 I, per layer W_V W_O ~ 0.4 Z - 0.4 I "
+    "(SVD factors); other matrices N(0, 0.02^2)",
+)
+def mimetic(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
+    # Draw everything as `normal` first, so that the non-attention matrices equal `normal`'s of the
+    # same seed (common random numbers), then replace the attention matrices.
+    init_matrices(model, _normal, g)
+    mimetic_attention(model, g, MIMETIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded from a smaller trained donor (initmi_utils.seeded).
+
+
+@register_scheme(
+    "seeded",
+    "a small trained donor (2 layers x 1 head, d_model = d_head, xavier) embedded exactly into head "
+    "slot 0 of each layer; other readers N(0, 0.02^2), other writers N(0, 0.002^2) outside its subspace",
+)
+def seeded(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
+    from initmi_utils.seeded import seed_from_donor  # lazy: seeded trains its donor via train -> schemes
+
+    seed_from_donor(model, cfg, g, root)

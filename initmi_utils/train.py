@@ -39,7 +39,7 @@ from initmi_utils.checkpoints import (
 from initmi_utils.config import ExperimentConfig, RunPaths, TrainConfig, experiment
 from initmi_utils.data import Dataset, atomic_write_text, load_dataset
 from initmi_utils.model import Transformer, loss_fn, torch_threads
-from initmi_utils.schemes import build_model
+from initmi_utils.schemes import build_model, check_scheme
 from initmi_utils.tables import table_path, write_table
 
 ADAPTIVE_DELTA = 0.1  # induction-accuracy change that triggers an extra checkpoint
@@ -176,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", default="normal")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=".")
+    p.add_argument("--config", default=None, help="a JSON file of ExperimentConfig.to_dict() (overrides the rest)")
     a = p.parse_args(argv)
     try:
-        cfg = experiment(a.preset, a.scheme, a.seed)
+        if a.config:
+            cfg = ExperimentConfig.from_dict(json.loads(Path(a.config).read_text()))
+            check_scheme(cfg.run.scheme)
+        else:
+            cfg = experiment(a.preset, a.scheme, a.seed)
         train(cfg, a.root)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

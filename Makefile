@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  make reproduce  and  make test.
+PYTHON ?= python3
+# torch 2.13.0 is the CPU wheel the project is measured with; override e.g. TORCH="torch==2.14.1".
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PRESET ?= quick
+WORKERS ?= 1
+
+.PHONY: venv test test-fast reproduce lab clean-artefacts
+
+venv: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name initmi --display-name "initmi (.venv)"
+	touch $(INSTALLED)
+
+# Unit tests, hand-built-circuit validations and one papermill smoke run of the whole grid.
+test: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+# Everything but the slow tests (papermill grid, killed-process resume, browser).
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -m "not slow"
+
+# Train and analyse every scheme of the preset, then compare them (figures/$(PRESET)/report.html).
+reproduce: $(INSTALLED)
+	$(BIN)/python -m initmi_utils.pipeline --preset $(PRESET) --workers $(WORKERS)
+
+lab: $(INSTALLED)
+	$(BIN)/jupyter lab notebooks/
+
+# Generated artefacts only; the code and notebooks stay.
+clean-artefacts:
+	rm -rf checkpoints/*/ data/*/ figures/*/

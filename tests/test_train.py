@@ -1,0 +1,134 @@
+"""Training: checkpoints, metrics, byte-identical reruns and resumes, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import initmi_utils.train as train_module
+from initmi_utils.checkpoints import CheckpointError, list_checkpoints, load_model
+from initmi_utils.config import RunPaths
+from initmi_utils.tables import COLUMNS
+from initmi_utils.train import RunConfigMismatch, checkpoint_schedule, train
+from tests.conftest import tiny_cfg
+
+
+def ckpt_bytes(cfg, root):
+    folder = RunPaths.of(cfg, root).checkpoints
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("step_*.safetensors"))}
+
+
+def test_training_writes_checkpoints_and_a_tidy_table(tmp_path):
+    cfg = tiny_cfg("xavier", train={"steps": 60})
+    metrics = train(cfg, tmp_path, progress=False)
+    assert list(metrics.columns[: len(COLUMNS)]) == COLUMNS
+    ckpts = list_checkpoints(cfg, tmp_path)
+    assert set(checkpoint_schedule(cfg.train)) <= set(ckpts.steps)
+    assert ckpts.steps[0] == 0 and ckpts.steps[-1] == 60
+    val = metrics[metrics.metric == "val_loss"].set_index("step").value
+    assert val[60] < val[0] - 0.3, "training lowers the validation loss"
+    model, meta = ckpts.load(60)
+    assert meta["step"] == 60 and meta["config"] == cfg.to_dict() and meta["data_hash"] == cfg.data_hash
+    assert meta["metrics"]["val_loss"] == pytest.approx(val[60])
+    assert not list(RunPaths.of(cfg, tmp_path).checkpoints.glob("*.tmp")), "no temp files left behind"
+
+
+def test_same_run_same_bytes_in_another_root(tmp_path):
+    cfg = tiny_cfg("orthogonal", seed=2)
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    a, b = ckpt_bytes(cfg, tmp_path / "a"), ckpt_bytes(cfg, tmp_path / "b")
+    assert a and a == b
+    assert ckpt_bytes(tiny_cfg("orthogonal", seed=3), tmp_path / "a") == {}
+
+
+def test_a_finished_run_is_not_retrained(tmp_path, monkeypatch):
+    cfg = tiny_cfg()
+    first = train(cfg, tmp_path, progress=False)
+    monkeypatch.setattr(train_module, "build_model", lambda *a: pytest.fail("retrained a finished run"))
+    pd.testing.assert_frame_equal(train(cfg, tmp_path, progress=False), first)
+
+
+def test_interrupted_run_resumes_to_identical_bytes(tmp_path, monkeypatch):
+    cfg = tiny_cfg("kaiming", train={"steps": 50, "ckpt_every": 20, "eval_every": 5})
+    train(cfg, tmp_path / "straight", progress=False)
+
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def crash_after_a_while(model, ds):
+        calls["n"] += 1
+        if calls["n"] == 9:  # past the step-20 checkpoint, before the end
+            raise KeyboardInterrupt
+        return real_evaluate(model, ds)
+
+    monkeypatch.setattr(train_module, "evaluate", crash_after_a_while)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    folder = RunPaths.of(cfg, tmp_path / "resumed").checkpoints
+    assert (folder / "resume.safetensors").exists() and not (folder / "done.json").exists()
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    resumed = train(cfg, tmp_path / "resumed", progress=False)
+    assert ckpt_bytes(cfg, tmp_path / "resumed") == ckpt_bytes(cfg, tmp_path / "straight")
+    straight = pd.read_parquet(RunPaths.of(cfg, tmp_path / "straight").tables / "metrics.parquet")
+    pd.testing.assert_frame_equal(resumed, straight)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_identical_final_weights(tmp_path):
+    """SIGKILL a real training process mid-run, restart it, compare with an uninterrupted run."""
+    cfg = tiny_cfg("xavier", train={"steps": 1500, "ckpt_every": 100, "eval_every": 100})
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "initmi_utils.train", "--config", str(cfg_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    folder = RunPaths.of(cfg, tmp_path / "killed").checkpoints
+    proc = subprocess.Popen(cmd + ["--root", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (folder / "step_000300.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "done.json").exists(), "the run finished before it could be killed"
+    for root in ("killed", "straight"):
+        subprocess.run(cmd + ["--root", str(tmp_path / root)], env=env, check=True, capture_output=True)
+    final = "step_001500.safetensors"
+    a = load_model(RunPaths.of(cfg, tmp_path / "killed").checkpoints / final)[0]
+    b = load_model(RunPaths.of(cfg, tmp_path / "straight").checkpoints / final)[0]
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_a_different_config_in_the_same_folder_is_refused(tmp_path):
+    train(tiny_cfg(train={"steps": 20}), tmp_path, progress=False)
+    with pytest.raises(RunConfigMismatch, match="different config"):
+        train(tiny_cfg(train={"steps": 30}), tmp_path, progress=False)
+
+
+def test_missing_and_corrupted_checkpoints_say_what_to_do(tmp_path):
+    cfg = tiny_cfg()
+    with pytest.raises(CheckpointError, match="no checkpoints.*pipeline --preset smoke --schemes normal --seeds 0 --notebooks 01"):
+        list_checkpoints(cfg, tmp_path)
+    train(cfg, tmp_path, progress=False)
+    path = list_checkpoints(cfg, tmp_path).path(40)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupted.*rerun training"):
+        load_model(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(Path(tmp_path) / "nope.safetensors")
+
+
+def test_cli_reports_bad_input_without_writing(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "initmi_utils.train", "--preset", "smoke", "--scheme", "nope",
+                          "--root", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "unknown init scheme 'nope'" in out.stderr and "normal" in out.stderr
+    assert list(tmp_path.iterdir()) == []
