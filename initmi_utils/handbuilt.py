@@ -18,6 +18,13 @@ head, the wrong layer or the wrong position fails on them. ``induction_model()``
                      attended token into OUT, which the unembedding reads (identity OV circuit)
              head 3  BOS head
 
+Exact facts other tests can rely on (noise = 0): the full OV circuit ``W_E W_V W_O W_U`` of
+L1H2 is ``unembed_scale * I`` and that of every other head is 0; the only non-zero K-composition
+is L0H1 -> L1H2 (L0H1 writes PREV, which only L1H2's W_K reads); no Q- or V-composition; the
+positional QK circuit ``W_pos W_Q W_K^T W_pos^T`` of L0H1 peaks at key = query - 1. The
+duplicate head needs the repeat to be 4 to n_ctx - 4 positions back. Zero-weight heads make
+ratio metrics 0/0; ``noise > 0`` removes exact zeros.
+
 On BOS + A + A (A distinct tokens) L1H2 at the second A[k] attends to the first A[k+1] (the only
 key whose previous token is A[k]) and the model predicts A[k+1]; in the first copy no key
 matches, attention is diffuse and the prediction is wrong. ``HandBuiltRoles`` names which
@@ -127,22 +134,32 @@ def induction_model(
     attn_only: bool = True,
     sharpness: float = 30.0,
     unembed_scale: float = 20.0,
-    n_freqs: int = 16,
+    n_freqs: int | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Transformer, HandBuiltRoles]:
     """The hand-built induction model described in the module docstring, and its roles.
 
+    - ``n_freqs``: positional frequencies (default: as many as fit, 16 for d_vocab <= 23);
     - ``sharpness``: logit margin of the wanted key over the runner-up in every built head;
     - ``unembed_scale``: logit of the copied token in OUT (others get 0), so the loss at a solved
       induction position is ~``log(1 + (d_vocab - 1) e^-unembed_scale)``;
     - ``attn_only=False`` adds MLPs with all-zero weights (they output exactly 0), for code paths
-      that need MLP parameters.
+      that need MLP parameters;
+    - ``noise > 0`` adds N(0, noise^2) to every weight matrix (not LayerNorm; its own
+      ``torch.Generator`` seeded by ``seed``): no weight is exactly zero any more (so ratios such
+      as composition scores are defined for the dummy heads too) and a metric that only works on
+      exact zeros fails. The mechanism survives ``noise`` up to ~0.05 (tested at 0.02).
     """
     cfg = handbuilt_model_config(d_vocab, n_ctx, attn_only)
     d_head, V = cfg.d_head, d_vocab
+    if n_freqs is None:  # as many as fit next to TOK, PREV, OUT and JUNK (4 * d_vocab directions)
+        n_freqs = min(d_head // 2, (cfg.d_model - 1 - 4 * V) // 2)
     if 2 * n_freqs > d_head:
         raise ValueError(f"n_freqs={n_freqs} needs 2*n_freqs <= d_head={d_head}.")
-    if V > d_head - 2 * min(6, n_freqs):
-        raise ValueError(f"d_vocab={V} too large for d_head={d_head}: the duplicate head needs d_vocab + 12 <= d_head.")
+    F_dup = min(6, n_freqs, (d_head - V) // 2)  # frequencies the duplicate head penalises itself with
+    if F_dup < 3:
+        raise ValueError(f"d_vocab={V} too large for d_head={d_head}: the duplicate head needs d_vocab + 6 <= d_head.")
     space = _Subspaces(cfg.d_model)
     TOK, POS = space.add("tok", V), space.add("pos", 2 * n_freqs)
     PREV, OUT, JUNK = space.add("prev", V), space.add("out", V), space.add("junk", V)
@@ -176,9 +193,9 @@ def induction_model(
     W_V[L, H, :, :V] = TOK.T
     W_O[L, H, :V] = PREV
 
-    # L0H2 duplicate-token head: +match on TOK, -self on the first 6 frequencies of POS.
+    # L0H2 duplicate-token head: +match on TOK, -self on the first F_dup frequencies of POS.
     L, H = ROLES.duplicate
-    F6 = min(6, n_freqs)
+    F6 = F_dup
     self_pen = 1.0 - max(dirichlet(d, F6) / F6 for d in range(4, n_ctx - 3))  # self vs a match >= 4 back
     pen = sharpness / self_pen  # score -pen * D6(i - j) / F6
     W_Q[L, H, :, :V] = TOK.T * math.sqrt(3 * pen * sqrt_dh)
@@ -223,6 +240,11 @@ def induction_model(
                 block.ln2.w.fill_(1.0)  # MLP weights stay zero: the MLP outputs exactly 0
         model.ln_final.w.fill_(math.sqrt(3 / d))  # TOK + POS + PREV (+ OUT, JUNK: varies)
         model.unembed.W_U.copy_(OUT.T * unembed_scale)
+        if noise > 0:
+            g = torch.Generator().manual_seed(seed)
+            for name, prm in model.named_parameters():
+                if ".ln" not in name and not name.startswith("ln_final") and prm.dim() >= 2:
+                    prm.add_(torch.randn(prm.shape, generator=g) * noise)
     model.eval()
     return model, ROLES
 

@@ -1,0 +1,252 @@
+"""Causal analyses on the bridge: head ablations, activation patching, a localisation index.
+
+- ``ablation_effects``: zero- and mean-ablate each head's output (``blocks.{l}.attn.hook_z``)
+  and measure the change in loss, induction accuracy and logit difference (the ablation effect
+  matrix), and the change in every later head's induction score (K-composition evidence:
+  ablating the previous-token head of layer 0 should collapse the layer-1 induction score).
+- ``patching_effects``: activation patching clean -> corrupted on ``Dataset.patch`` with
+  ``transformer_lens.patching`` (it works on the ``TransformerBridge``: it only needs
+  ``run_with_hooks``, ``cfg`` and hook names ``blocks.{l}.attn.hook_z`` /
+  ``blocks.{l}.hook_resid_pre``), per head and per (layer, position relative to the query),
+  normalised so that 0 = corrupted run and 1 = clean run.
+- ``localisation``: how concentrated an effect is over heads (top-1 share, entropy).
+
+Every function takes the bridge and data, runs under ``torch.no_grad`` and returns a tidy long
+frame; ``layer``/``head`` always name the head a value is *about* (for an effect, the ablated or
+patched head; for an induction-score change, the head whose score changed), and
+``ablated_layer``/``ablated_head`` the head that was ablated (-1 where nothing was).
+
+We write the ablation hooks ourselves because ``transformer_lens.patching`` only *patches* (copies
+activations from another run); zero/mean ablation replaces them by constants.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from initmi_utils.attention import detection_masks, masked_score, pattern_names, patterns_from_cache
+from initmi_utils.behavior import next_token_stats
+from initmi_utils.data import Batch, PatchPairs
+
+ABLATIONS = ("zero", "mean")
+_STAT_NAMES = {"loss": "loss_induction", "acc": "acc_induction", "logit_diff": "logit_diff"}
+
+
+def z_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def _ablate_variants_hook(z: Float[Tensor, "variants_x_batch pos head d_head"], hook, n: int,
+                          variants: list[tuple[int, int, Tensor | None]]) -> Tensor:
+    """Ablate one head per block of ``n`` sequences: ``variants`` = [(block, head, replacement)]."""
+    z = z.clone()
+    for block, head, replacement in variants:
+        rows = slice(block * n, (block + 1) * n)
+        z[rows, :, head] = 0.0 if replacement is None else replacement[None, : z.shape[1], head]
+    return z
+
+
+def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, max_batch: int = 1024) -> pd.DataFrame:
+    """The ablation effect matrix and the induction-score changes it causes downstream.
+
+    For each kind in ``kinds`` and each head (l, h), head (l, h)'s ``hook_z`` is replaced by 0
+    (``zero``) or by its mean over the batch at each position on the clean run (``mean``; keeping
+    the per-position mean keeps positional information that is not the head's mechanism). Rows:
+
+    - ``{kind}_ablation_loss_delta``, ``_acc_delta``, ``_logit_diff_delta`` at (l, h): ablated
+      minus clean loss / accuracy / logit difference, measured on ``batch``'s induction targets
+      (loss there, not over all positions: the first copy of a repeated block is unpredictable
+      and its loss would swamp the effect);
+    - ``{kind}_ablation_induction_score_delta`` at every head (l2, h2) with l2 > l, with
+      ``ablated_layer=l, ablated_head=h``: the change of (l2, h2)'s induction score;
+    - ``clean_loss``, ``clean_acc``, ``clean_logit_diff`` (layer = head = -1): the baselines.
+
+    Speed: the bridge's per-forward overhead dominates on small models, so the ablations run
+    batched: the batch is repeated once per (kind, head) and one hook per layer ablates a
+    different head in each copy (at most ``max_batch`` sequences per forward).
+    """
+    bad = sorted(set(kinds) - set(ABLATIONS))
+    if bad:
+        raise ValueError(f"unknown ablation kind(s) {bad}; choose from {ABLATIONS}.")
+    cfg = bridge.cfg
+    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    tokens, n = batch.tokens, batch.tokens.shape[0]
+    induction_mask = detection_masks(tokens)["induction"]
+    rows = []
+
+    def add(layer, head, metric, value, ablated=(-1, -1)):
+        rows.append({"layer": layer, "head": head, "metric": metric, "value": float(value),
+                     "ablated_layer": ablated[0], "ablated_head": ablated[1]})
+
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(tokens, names_filter=pattern_names(n_layers) + [z_name(l) for l in range(n_layers)])
+        clean = next_token_stats(logits, batch)
+        clean_induction = masked_score(patterns_from_cache(cache, n_layers).float(), induction_mask)
+        for short, key in _STAT_NAMES.items():
+            add(-1, -1, f"clean_{short}", clean[key])
+        means = {l: cache[z_name(l)].mean(0) for l in range(n_layers)}  # [pos head d_head]
+        variants = [(kind, layer, head) for kind in kinds for layer in range(n_layers) for head in range(n_heads)]
+        per_forward = max(1, max_batch // n)
+        for start in range(0, len(variants), per_forward):
+            group = variants[start : start + per_forward]
+            hooks = []
+            for layer in range(n_layers):
+                todo = [(i, head, None if kind == "zero" else means[layer])
+                        for i, (kind, l, head) in enumerate(group) if l == layer]
+                if todo:
+                    hooks.append((z_name(layer), partial(_ablate_variants_hook, n=n, variants=todo)))
+            with bridge.hooks(fwd_hooks=hooks):
+                logits, cache = bridge.run_with_cache(tokens.repeat(len(group), 1), names_filter=pattern_names(n_layers))
+            for i, (kind, layer, head) in enumerate(group):
+                block = slice(i * n, (i + 1) * n)
+                stats = next_token_stats(logits[block], batch)
+                for short, key in _STAT_NAMES.items():
+                    add(layer, head, f"{kind}_ablation_{short}_delta", stats[key] - clean[key], (layer, head))
+                later = pattern_names(n_layers)[layer + 1 :]
+                if later:
+                    pat = torch.stack([cache[name][block] for name in later]).float()
+                    delta = masked_score(pat, induction_mask) - clean_induction[layer + 1 :]
+                    for j in range(delta.shape[0]):
+                        for h2 in range(n_heads):
+                            add(layer + 1 + j, h2, f"{kind}_ablation_induction_score_delta", delta[j, h2], (layer, head))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation patching.
+
+
+def query_logit_diff(logits: Float[Tensor, "batch pos d_vocab"], pairs: PatchPairs) -> Float[Tensor, "batch"]:
+    """logit(clean answer) - logit(corrupted answer) at each pair's query position."""
+    rows = torch.arange(len(pairs.query))
+    at_query = logits[rows, pairs.query]
+    return at_query[rows, pairs.answer] - at_query[rows, pairs.corrupt_answer]
+
+
+def subset_batch(batch: Batch, n: int) -> Batch:
+    """The first ``n`` sequences of a batch (the notebooks' knob for speed)."""
+    return Batch(batch.tokens[:n], batch.target[:n], batch.distractor[:n])
+
+
+def subset_pairs(pairs: PatchPairs, n: int) -> PatchPairs:
+    """The first ``n`` pairs (the notebooks' knob for speed)."""
+    return PatchPairs(*(getattr(pairs, f)[:n] for f in ("clean", "corrupted", "query", "answer", "corrupt_answer")))
+
+
+def _relative_pos_setter(corrupted: Tensor, index, clean: Tensor, query: Int[Tensor, "batch"]) -> Tensor:
+    """Patch position ``query[b] + rel`` of every example b (index = [layer, rel])."""
+    _, rel = index
+    rows = torch.arange(len(query))
+    corrupted[rows, query + rel] = clean[rows, query + rel]
+    return corrupted
+
+
+def position_labels(rep_len: int, offsets) -> list[str]:
+    """What sits at each offset from the query in a patch pair (BOS + A + A, query = second A[k])."""
+    names = {0: "query A[k]", -rep_len: "first A[k]", -(rep_len - 1): "first A[k+1] (corrupted)"}
+    return [f"q{int(o):+d} {names[int(o)]}" if int(o) in names else f"q{int(o):+d}" for o in offsets]
+
+
+def patching_effects(bridge, pairs: PatchPairs, rep_len: int, positions: bool = True, min_gap: float = 0.1) -> pd.DataFrame:
+    """Activation patching clean -> corrupted with ``transformer_lens.patching``.
+
+    Metric: mean logit difference (clean answer - corrupted answer) at the query, normalised as
+    ``(patched - corrupted) / (clean - corrupted)``: 0 = the patch did nothing, 1 = it restored
+    the clean run (means over the batch before dividing, so a pair whose two runs agree does not
+    divide by zero). Rows:
+
+    - ``patch_head_normalised`` at (layer, head): each head's ``hook_z`` at every position
+      (``get_act_patch_attn_head_out_all_pos``);
+    - ``patch_resid_pre_normalised`` at (layer, head=-1) with column ``pos`` = offset from the
+      query (``generic_activation_patch`` with our setter): the query position differs between
+      pairs, but the first A[k] is always at ``-rep_len`` and the corrupted token at
+      ``-(rep_len - 1)``, so offsets line up across pairs where absolute positions do not;
+    - ``patch_clean_logit_diff``, ``patch_corrupted_logit_diff`` (layer = head = -1): the two ends.
+
+    If ``|clean - corrupted| < min_gap`` logits the model does not tell the two runs apart (an
+    untrained checkpoint) and every normalised value is ``nan`` rather than noise over a tiny gap.
+    """
+    import transformer_lens.patching as tl_patching
+
+    metric = partial(query_logit_diff, pairs=pairs)
+    rows = []
+    with torch.no_grad():
+        clean_logits, clean_cache = bridge.run_with_cache(pairs.clean)
+        clean = metric(clean_logits).mean().item()
+        heads = tl_patching.get_act_patch_attn_head_out_all_pos(
+            bridge, pairs.corrupted, clean_cache, metric, reduce="mean", baseline=True)
+        corrupted = float(heads.baseline)
+        gap = clean - corrupted
+        norm = (lambda v: (v - corrupted) / gap) if abs(gap) >= min_gap else (lambda v: math.nan)
+        rows += [{"layer": -1, "head": -1, "metric": "patch_clean_logit_diff", "value": clean},
+                 {"layer": -1, "head": -1, "metric": "patch_corrupted_logit_diff", "value": corrupted}]
+        for layer in range(heads.values.shape[0]):
+            for head in range(heads.values.shape[1]):
+                rows.append({"layer": layer, "head": head, "metric": "patch_head_normalised",
+                             "value": norm(float(heads.values[layer, head]))})
+        if positions:
+            offsets = list(range(-int(pairs.query.min()), 1))  # BOS of the earliest query .. the query
+            index = pd.DataFrame([(l, o) for l in range(bridge.cfg.n_layers) for o in offsets], columns=["layer", "pos"])
+            res = tl_patching.generic_activation_patch(
+                bridge, pairs.corrupted, clean_cache, metric,
+                patch_setter=partial(_relative_pos_setter, query=pairs.query),
+                activation_name="resid_pre", index_df=index, reduce="mean")
+            labels = dict(zip(offsets, position_labels(rep_len, offsets)))
+            for (_, r), v in zip(index.iterrows(), res.tolist()):
+                rows.append({"layer": int(r.layer), "head": -1, "metric": "patch_resid_pre_normalised",
+                             "value": norm(v), "pos": int(r.pos), "pos_label": labels[int(r.pos)]})
+    df = pd.DataFrame(rows)
+    if "pos" in df:
+        df["pos"] = df["pos"].astype("Int64")  # <NA> on per-head rows (-1 is a real offset)
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Localisation.
+
+
+def localisation(effects: Float[Tensor, "layer head"]) -> dict[str, float]:
+    """How concentrated an effect is over heads, from ``p = |e| / sum |e|``.
+
+    - ``localisation_top1_share``: ``max p`` (1 = one head carries everything, 1/n = spread evenly);
+    - ``localisation_entropy``: ``-sum p log p`` in nats (0 = one head, ``log n`` = even);
+    - ``localisation_entropy_normalised``: entropy / log n, comparable across model sizes;
+    - ``top_layer``, ``top_head``: the head with the largest |effect|.
+
+    All ``nan`` if every effect is 0 or nan (nothing to localise).
+    """
+    e = effects.detach().abs().flatten().double()
+    n_heads = effects.shape[1]
+    if not torch.isfinite(e).all() or e.sum() <= 0:
+        nan = math.nan
+        return {"localisation_top1_share": nan, "localisation_entropy": nan,
+                "localisation_entropy_normalised": nan, "top_layer": -1, "top_head": -1}
+    p = e / e.sum()
+    entropy = abs(float(-(p * torch.log(p.clamp_min(1e-300))).sum()))  # abs: no "-0.0"
+    top = int(p.argmax())
+    return {"localisation_top1_share": float(p.max()), "localisation_entropy": entropy,
+            "localisation_entropy_normalised": entropy / math.log(len(p)) if len(p) > 1 else 0.0,
+            "top_layer": top // n_heads, "top_head": top % n_heads}
+
+
+def localisation_table(effects: pd.DataFrame, sources: tuple[str, ...]) -> pd.DataFrame:
+    """``localisation`` of each per-head effect metric in ``sources`` (rows of a long frame with
+    layer, head, metric, value), one block of rows per source (column ``source``)."""
+    rows = []
+    for source in sources:
+        sub = effects[(effects.metric == source) & (effects["layer"] >= 0) & (effects["head"] >= 0)]
+        if sub.empty:
+            continue
+        m = sub.pivot(index="layer", columns="head", values="value")
+        loc = localisation(torch.tensor(m.values, dtype=torch.float64))
+        top = (loc.pop("top_layer"), loc.pop("top_head"))
+        for metric, value in loc.items():
+            rows.append({"layer": -1, "head": -1, "metric": metric, "value": value, "source": source,
+                         "top_layer": top[0], "top_head": top[1]})
+    return pd.DataFrame(rows)

@@ -1,0 +1,229 @@
+"""Build notebooks/03_attention.ipynb and notebooks/04_ablation_patching.ipynb (no outputs).
+
+Run from anywhere: ``.venv/bin/python notebooks/_build/build_03_04.py``. Edit the cells here,
+not in the .ipynb files, so the committed notebooks stay output-free and reviewable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent.parent
+
+COMMON_PARAMETERS = '''\
+init_scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | orthogonal | scaled_residual | ...
+seed: int = 0  # init seed; the data and the batch order are fixed by the preset's data seed
+preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
+root: str = ".."  # project root: artefacts go to root/checkpoints, root/data, root/figures
+'''
+
+
+def notebook(cells: list) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def parameters(extra: str) -> nbformat.NotebookNode:
+    cell = new_code_cell(COMMON_PARAMETERS + extra)
+    cell.metadata["tags"] = ["parameters"]
+    return cell
+
+
+NB03 = [
+    new_markdown_cell("""\
+# 03 · Attention patterns over training
+
+Per head and checkpoint, from one cached forward pass on the repeated-random diagnostic
+(BOS + A + A): previous-token score, duplicate-token score, induction score (attention from a
+token's second occurrence to the token after its first occurrence), BOS score and attention
+entropy (`initmi_utils.attention`; the scores are checked on hand-built heads and against
+`transformer_lens.head_detector` in `tests/test_attention.py`).
+
+Writes the table `attention` (run, scheme, seed, preset, step, layer, head, metric, value) and one
+heatmap per score over training to the run's figures folder; ends with a circuitsvis view of the
+final checkpoint that renders offline (the bundled JavaScript is inlined, no CDN)."""),
+    parameters('''\
+n_examples: int = 64  # repeated-random sequences the scores are averaged over
+view_example: int = 0  # which sequence the circuitsvis view of the final checkpoint shows
+'''),
+    new_code_cell('''\
+import pandas as pd
+import torch
+from IPython.display import display
+
+from initmi_utils.attention import METRICS, attention_view, head_scores, pattern_names, patterns_from_cache, scores_grid_figure
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.config import RunPaths, experiment
+from initmi_utils.data import load_dataset
+from initmi_utils.model import to_bridge
+from initmi_utils.plots import save_figure
+from initmi_utils.tables import write_table
+
+cfg = experiment(preset, init_scheme, seed)
+ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
+paths = RunPaths.of(cfg, root)
+tokens = load_dataset(cfg, root).rep.tokens[:n_examples]
+print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, {len(tokens)} sequences of {tokens.shape[1]} tokens")'''),
+    new_markdown_cell("## Scores at every checkpoint (one cached forward each)"),
+    new_code_cell('''\
+frames = []
+for step in ckpts.steps:
+    model, _ = ckpts.load(step)
+    with torch.no_grad():
+        _, cache = to_bridge(model).run_with_cache(tokens, names_filter=pattern_names(cfg.model.n_layers))
+    pattern = patterns_from_cache(cache, cfg.model.n_layers)
+    frames.append(head_scores(pattern, tokens, step=step))
+scores = pd.concat(frames, ignore_index=True)
+final_pattern = pattern  # the last checkpoint's, for the circuitsvis view
+write_table(scores, cfg, "attention", root)
+scores[scores.step == ckpts.steps[-1]].pivot_table(index=["layer", "head"], columns="metric", values="value").round(3)'''),
+    new_markdown_cell("## Scores over training"),
+    new_code_cell('''\
+fig = scores_grid_figure(scores, METRICS, title=f"{cfg.run.name} ({preset}): attention scores per head over training")
+save_figure(fig, paths.figures / "03_attention_scores")
+fig.show()'''),
+    new_markdown_cell("""\
+## Attention patterns of the final checkpoint
+
+All heads of a layer in one `circuitsvis.attention.attention_heads` view (click a head to
+enlarge it). The JavaScript is inlined from the installed package, so this renders offline."""),
+    new_code_cell('''\
+view = attention_view(final_pattern[:, view_example], tokens[view_example].tolist(),
+                      title=f"{cfg.run.name} step {ckpts.steps[-1]}, sequence {view_example}")
+paths.figures.mkdir(parents=True, exist_ok=True)
+(paths.figures / "03_attention_final.html").write_text(f"<!DOCTYPE html><html><body>{view.html}</body></html>", encoding="utf-8")
+display(view)'''),
+]
+
+
+NB04 = [
+    new_markdown_cell("""\
+# 04 · Ablation and activation patching over training
+
+Per checkpoint (`initmi_utils.ablation`, checked on hand-built circuits in `tests/test_ablation.py`):
+
+- **ablation effect matrix**: zero- and mean-ablate every head's output (`blocks.{l}.attn.hook_z`)
+  on the repeated-random diagnostic; change in loss, induction accuracy and logit difference at
+  the induction targets;
+- **K-composition evidence**: ablating each layer-0 head, the change in every layer-1 head's
+  induction score;
+- **activation patching** clean → corrupted (`transformer_lens.patching` on the bridge), per head and
+  per (layer, position relative to the query), normalised so 0 = corrupted run, 1 = clean run;
+- **localisation index**: top-1 share and entropy of |effect| over heads.
+
+Tables `ablation` and `patching`; figures in the run's figures folder."""),
+    parameters('''\
+n_examples: int = 32  # repeated-random sequences each ablation is measured on
+n_patch_pairs: int = 32  # clean/corrupted pairs for activation patching
+positions_every_checkpoint: bool = False  # per-position patching at every checkpoint (slow) or only the final one
+'''),
+    new_code_cell('''\
+import pandas as pd
+import plotly.express as px
+
+from initmi_utils.ablation import ablation_effects, localisation_table, patching_effects, subset_batch, subset_pairs
+from initmi_utils.attention import scores_grid_figure, scores_over_training_figure
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.config import RunPaths, experiment
+from initmi_utils.data import load_dataset
+from initmi_utils.model import to_bridge
+from initmi_utils.plots import line_figure, save_figure
+from initmi_utils.tables import write_table
+
+cfg = experiment(preset, init_scheme, seed)
+ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
+paths = RunPaths.of(cfg, root)
+ds = load_dataset(cfg, root)
+rep, pairs = subset_batch(ds.rep, n_examples), subset_pairs(ds.patch, n_patch_pairs)
+ABLATION_SOURCES = ("zero_ablation_logit_diff_delta", "mean_ablation_logit_diff_delta", "zero_ablation_acc_delta")
+PATCHING_SOURCES = ("patch_head_normalised",)
+print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")'''),
+    new_markdown_cell("## Ablations and patching at every checkpoint"),
+    new_code_cell('''\
+ablation_frames, patching_frames = [], []
+for step in ckpts.steps:
+    model, _ = ckpts.load(step)
+    bridge = to_bridge(model)
+    ab = ablation_effects(bridge, rep)
+    pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == ckpts.steps[-1])
+    ablation_frames += [ab.assign(step=step), localisation_table(ab, ABLATION_SOURCES).assign(step=step)]
+    patching_frames += [pa.assign(step=step), localisation_table(pa, PATCHING_SOURCES).assign(step=step)]
+ablation = pd.concat(ablation_frames, ignore_index=True)
+patching = pd.concat(patching_frames, ignore_index=True)
+for df in (ablation, patching):
+    for col in ("ablated_layer", "ablated_head", "top_layer", "top_head"):
+        if col in df:
+            df[col] = df[col].fillna(-1).astype(int)
+write_table(ablation, cfg, "ablation", root)
+write_table(patching, cfg, "patching", root)
+final = ckpts.steps[-1]
+ablation[(ablation.step == final) & (ablation.ablated_layer == ablation.layer) & (ablation.ablated_head == ablation["head"])].pivot_table(
+    index=["layer", "head"], columns="metric", values="value").round(3)'''),
+    new_markdown_cell("## Ablation effect matrix over training"),
+    new_code_cell('''\
+effects = [f"{kind}_ablation_{m}_delta" for m in ("acc", "logit_diff", "loss") for kind in ("zero", "mean")]
+fig = scores_grid_figure(ablation, effects, title=f"{cfg.run.name} ({preset}): effect of ablating each head, over training")
+save_figure(fig, paths.figures / "04_ablation_effects")
+fig.show()'''),
+    new_markdown_cell("""\
+## K-composition: ablating a layer-0 head, change in each layer-1 head's induction score
+
+Rows: the ablated layer-0 head; columns: the layer-1 head whose induction score changed. A
+previous-token head feeding an induction head shows as one strongly negative cell."""),
+    new_code_cell('''\
+comp = ablation[ablation.metric == "zero_ablation_induction_score_delta"].copy()
+comp["ablated"] = "L" + comp.ablated_layer.astype(str) + "H" + comp.ablated_head.astype(str)
+comp["measured"] = "L" + comp.layer.astype(str) + "H" + comp["head"].astype(str)
+z = comp[comp.step == final].pivot_table(index="ablated", columns="measured", values="value")
+fig = px.imshow(z, color_continuous_scale="RdBu_r", color_continuous_midpoint=0.0, text_auto=".2f", template="plotly_white",
+                title=f"{cfg.run.name} ({preset}) step {final}: induction-score change after zero-ablating a head")
+save_figure(fig, paths.figures / "04_k_composition_final")
+fig.show()
+comp["pair"] = comp.ablated + " → " + comp.measured
+fig = line_figure(comp, title=f"{cfg.run.name} ({preset}): induction-score change after ablation, over training",
+                  color="pair", y_title="Δ induction score")
+save_figure(fig, paths.figures / "04_k_composition_over_training")
+fig.show()'''),
+    new_markdown_cell("## Activation patching"),
+    new_code_cell('''\
+fig = scores_over_training_figure(patching, "patch_head_normalised",
+                                  title=f"{cfg.run.name} ({preset}): patching each head clean → corrupted (1 = clean restored)")
+save_figure(fig, paths.figures / "04_patch_head")
+fig.show()
+pos = patching[(patching.metric == "patch_resid_pre_normalised") & (patching.step == final)].sort_values("pos")
+z = pos.pivot(index="layer", columns="pos", values="value")  # pivot, not pivot_table: keep nan cells
+labels = dict(zip(pos.pos, pos.pos_label))
+fig = px.imshow(z.values, x=[labels[p] for p in z.columns], y=[f"resid_pre {l}" for l in z.index], color_continuous_scale="RdBu_r",
+                color_continuous_midpoint=0.0, aspect="auto", template="plotly_white",
+                title=f"{cfg.run.name} ({preset}) step {final}: patching the residual stream by position (offset from the query)")
+save_figure(fig, paths.figures / "04_patch_resid_pre_final")
+fig.show()'''),
+    new_markdown_cell("## Localisation over training"),
+    new_code_cell('''\
+loc = pd.concat([ablation, patching])
+loc = loc[loc.metric.isin(["localisation_top1_share", "localisation_entropy_normalised"])].copy()
+loc["series"] = loc.source + " · " + loc.metric.str.replace("localisation_", "")
+fig = line_figure(loc, title=f"{cfg.run.name} ({preset}): localisation of effects over heads", color="series",
+                  y_title="top-1 share / normalised entropy")
+save_figure(fig, paths.figures / "04_localisation")
+fig.show()
+loc[loc.step == final][["source", "metric", "value", "top_layer", "top_head"]]'''),
+]
+
+
+def main() -> None:
+    for name, cells in (("03_attention.ipynb", NB03), ("04_ablation_patching.ipynb", NB04)):
+        nb = notebook(cells)
+        nbformat.validate(nb)
+        path = HERE / name
+        nbformat.write(nb, path)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""07_compare: statistics on synthetic data with known answers, and the RQ assembly on a
+synthetic study whose emergence steps, head roles and missing runs are planted by hand."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from initmi_utils import compare as C
+from initmi_utils.config import PRESET_SEEDS, PRESETS, experiment
+from initmi_utils.schemes import SCHEMES
+from initmi_utils.tables import write_table
+
+# ---------------------------------------------------------------------------------------------
+# A synthetic study (preset "full": 5 seeds per scheme) with planted answers.
+
+PRESET = "full"
+HORIZON = PRESETS[PRESET].train.steps  # >= 4000; planted steps below stay inside it
+EVAL_STEPS = list(range(0, HORIZON + 1, 250))
+CKPT_STEPS = [0, 500, 1000, 2000, 3000, HORIZON]
+# Emergence of the k-th registered scheme, seed s: 1000 + 500 k + 250 s (multiples of the eval
+# interval; past the horizon = never), except the NEVER scheme, whose accuracy saturates at 0.3.
+NEVER = "scaled_residual"
+
+
+def planted_emergence(scheme: str, seed: int) -> float:
+    if scheme == NEVER:
+        return math.nan
+    return 1000 + 500 * list(SCHEMES).index(scheme) + 250 * seed
+
+
+def _metrics(scheme: str, seed: int, last_step: int = HORIZON) -> pd.DataFrame:
+    te = planted_emergence(scheme, seed)
+    rows = []
+    for t in [s for s in EVAL_STEPS if s <= last_step]:
+        acc = 0.3 * min(1.0, t / 1000) if math.isnan(te) else (0.95 if t >= te else 0.5 * t / te)
+        loss = 4.0 - 1.0 * min(1.0, t / 1000) - (1.0 if not math.isnan(te) and t >= te else 0.0)
+        loss += 0.01 * seed
+        for metric, value in [("val_loss", loss), ("train_loss", loss + 0.05), ("val_acc_induction", acc),
+                              ("rep_acc_induction", acc), ("val_logit_diff", 5 * acc), ("induction_score", acc)]:
+            rows.append(dict(step=t, metric=metric, value=value))
+    return pd.DataFrame(rows)
+
+
+def _attention(scheme: str, seed: int) -> pd.DataFrame:
+    """L0: head (seed % 4) is a previous-token head; L1: head ((seed + 1) % 4) becomes an induction
+    head after emergence. Head indices move with the seed so that only a permutation-invariant
+    comparison finds the runs alike."""
+    te = planted_emergence(scheme, seed)
+    rows = []
+    for t in CKPT_STEPS:
+        for layer in range(2):
+            for head in range(4):
+                prev = 0.9 if (layer == 0 and head == seed % 4 and t > 0) else 0.05
+                ind = 0.8 if (layer == 1 and head == (seed + 1) % 4 and not math.isnan(te) and t >= te) else 0.02
+                for metric, v in [("prev_token_score", prev), ("induction_score", ind), ("duplicate_score", 0.01),
+                                  ("bos_score", 0.1), ("attn_entropy", 1.0 + 0.1 * head)]:
+                    rows.append(dict(step=t, layer=layer, head=head, metric=metric, value=v))
+    return pd.DataFrame(rows)
+
+
+def _ablation(scheme: str, seed: int) -> pd.DataFrame:
+    te = planted_emergence(scheme, seed)
+    rows = []
+    for t in CKPT_STEPS:
+        learned = not math.isnan(te) and t >= te
+        effects = np.full((2, 4), 0.01)
+        if learned:
+            effects[0, seed % 4], effects[1, (seed + 1) % 4] = 0.8, 1.2
+        for layer in range(2):
+            for head in range(4):
+                rows.append(dict(step=t, layer=layer, head=head, metric="zero_ablation_loss_delta",
+                                 value=effects[layer, head]))
+        a = np.abs(effects).ravel() / np.abs(effects).sum()
+        rows.append(dict(step=t, metric="localisation_top1_share", value=a.max()))
+        rows.append(dict(step=t, metric="localisation_entropy", value=float(-(a * np.log(a)).sum())))
+    return pd.DataFrame(rows)
+
+
+def _geometry(scheme: str, seed: int) -> pd.DataFrame:
+    """Early resid_norm planted to predict emergence (norm = emergence / 1000 at step 500)."""
+    te = planted_emergence(scheme, seed)
+    e = HORIZON if math.isnan(te) or te > HORIZON else te  # the restricted emergence step
+    rows = []
+    for t in CKPT_STEPS:
+        for layer in range(2):
+            rows.append(dict(step=t, layer=layer, metric="resid_norm", value=e / 1000 + t / 4000 + layer))
+        for matrix in ("W_Q", "W_OV"):
+            rows.append(dict(step=t, layer=0, head=0, metric="effective_rank", matrix=matrix, value=10 - t / 1000))
+            rows.append(dict(step=t, layer=0, head=-1, metric="drift", matrix=matrix, value=t / 4000))
+    return pd.DataFrame(rows)
+
+
+def make_synthetic_study(root: Path, drop: tuple[str, int] = ("kaiming", 4), truncate: tuple[str, int] = ("xavier", 3),
+                         with_geometry: bool = True, seeds: tuple[int, ...] = PRESET_SEEDS[PRESET]) -> Path:
+    """Write metrics/attention/ablation(/geometry) tables for the runs of PRESET under ``root``
+    (``seeds`` only: the others are then missing), leaving ``drop`` out entirely and stopping
+    ``truncate``'s training at step 2000."""
+    for scheme in SCHEMES:
+        for seed in seeds:
+            if (scheme, seed) == drop:
+                continue
+            cfg = experiment(PRESET, scheme, seed)
+            last = 2000 if (scheme, seed) == truncate else HORIZON
+            write_table(_metrics(scheme, seed, last), cfg, "metrics", root)
+            write_table(_attention(scheme, seed), cfg, "attention", root)
+            write_table(_ablation(scheme, seed), cfg, "ablation", root)
+            if with_geometry:
+                write_table(_geometry(scheme, seed), cfg, "geometry", root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory) -> Path:
+    return make_synthetic_study(tmp_path_factory.mktemp("study"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics with known answers.
+
+
+def test_bootstrap_ci_covers_known_mean_at_about_the_nominal_rate():
+    rng = np.random.default_rng(1)
+    mean, lo, hi = C.bootstrap_ci(rng.normal(3.0, 1.0, 50), n_boot=4000)
+    assert lo < 3.0 < hi and lo < mean < hi
+    covered = 0
+    for i in range(200):
+        _, lo, hi = C.bootstrap_ci(rng.normal(3.0, 1.0, 30), n_boot=1000, seed=i)
+        covered += lo <= 3.0 <= hi
+    assert 0.86 <= covered / 200 <= 0.99  # percentile bootstrap, n = 30: close to 95%
+    assert math.isnan(C.bootstrap_ci([2.0])[1])  # one seed: no interval, not a zero-width one
+    assert C.bootstrap_ci([1.0, np.nan, 3.0])[0] == 2.0
+
+
+def test_permutation_test_exact_value_real_difference_and_null():
+    # 3 v 3 fully separated: exact two-sided p = 2 / C(6, 3) = 0.1
+    assert C.permutation_test([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert C.p_floor(3, 3) == pytest.approx(0.1) and C.p_floor(5, 5) == pytest.approx(2 / 252)
+    rng = np.random.default_rng(0)
+    assert C.permutation_test(rng.normal(0, 1, 8), rng.normal(3, 1, 8)) < 0.01  # exact (12870 > n_perm: MC)
+    assert C.permutation_test(rng.normal(0, 1, 5), rng.normal(3, 1, 5)) <= 2 / 252 + 1e-12
+    null = [C.permutation_test(rng.normal(0, 1, 6), rng.normal(0, 1, 6), n_perm=2000, seed=i) for i in range(150)]
+    assert 0.0 <= np.mean(np.array(null) < 0.05) <= 0.12  # size ~ 5% under the null
+    assert C.permutation_test([1.0, 1.0], [1.0, 1.0]) == 1.0
+
+
+def test_holm_on_known_pvalues():
+    got = C.holm([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(got, [0.03, 0.06, 0.06, 0.02])
+    got = C.holm([0.5, np.nan, 0.01])
+    assert math.isnan(got[1]) and got[0] == pytest.approx(0.5) and got[2] == pytest.approx(0.02)
+
+
+def test_pairwise_tests_find_the_planted_difference_only():
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"scheme": ["a"] * 6 + ["b"] * 6 + ["c"] * 6,
+                       "value": np.r_[rng.normal(0, 0.1, 6), rng.normal(0, 0.1, 6), rng.normal(5, 0.1, 6)]})
+    t = C.pairwise_tests(df).set_index(["a", "b"])
+    assert t.loc[("a", "c"), "p_holm"] < 0.05 and t.loc[("b", "c"), "p_holm"] < 0.05
+    assert t.loc[("a", "b"), "p_holm"] > 0.05
+    assert (t.p_holm >= t.p - 1e-12).all()
+    assert C.floor_note(C.pairwise_tests(df)) is None  # 6 v 6: floor 2/924 x 3 pairs < 0.05
+    few = df.groupby("scheme").head(2)  # 2 v 2: floor 1/3
+    assert "cannot" in C.floor_note(C.pairwise_tests(few)) or "no pairwise" in C.floor_note(C.pairwise_tests(few))
+
+
+def test_spearman_pooled_and_within_scheme():
+    x = np.arange(10.0)
+    rho, p, n = C.spearman_permutation(x, x ** 3, n_perm=2000)
+    assert rho == pytest.approx(1.0) and p < 0.01 and n == 10
+    # Between schemes: higher x goes with higher y; within each scheme the reverse.
+    strata = np.repeat([0, 1, 2], 4)
+    xs = np.r_[[0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]].astype(float)
+    ys = np.r_[[3, 2, 1, 0], [13, 12, 11, 10], [23, 22, 21, 20]].astype(float)
+    assert C.spearman_permutation(xs, ys, n_perm=500)[0] > 0.5
+    rho_w, p_w, _ = C.spearman_permutation(xs, ys, strata=strata, n_perm=2000)
+    assert rho_w == pytest.approx(-1.0) and p_w < 0.05
+
+
+def test_linear_cka_invariances_and_known_value():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 16, generator=g)
+    Q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert C.linear_cka(X, 3.0 * X @ Q + 1.0) == pytest.approx(1.0, abs=1e-9)  # rotation, scale, shift
+    assert C.linear_cka(X, torch.randn(500, 16, generator=g)) < 0.1  # unrelated
+    x, y = torch.randn(1000, 1, generator=g), torch.randn(1000, 1, generator=g)
+    y = 0.6 * x + 0.8 * y
+    r = np.corrcoef(x[:, 0], y[:, 0])[0, 1]
+    assert C.linear_cka(x, y) == pytest.approx(r ** 2, rel=1e-6)  # 1-D: squared correlation
+    assert C.linear_cka(X, X[:, :8]) == pytest.approx(C.linear_cka(X[:, :8], X))
+
+
+# ---------------------------------------------------------------------------------------------
+# Emergence, matching, roles on planted data.
+
+
+def test_emergence_and_survival_count_never_emerged_runs():
+    m = pd.concat([_metrics(s, k).assign(run=f"{s}-s{k}", scheme=s, seed=k) for s in ("normal", NEVER) for k in range(3)])
+    em = C.emergence(m, 0.8, HORIZON)
+    for r in em.itertuples():
+        planted = planted_emergence(r.scheme, r.seed)
+        assert (math.isnan(r.emergence_step) and math.isnan(planted)) or r.emergence_step == planted
+    assert (em[em.scheme == NEVER].restricted == HORIZON).all() and not em[em.scheme == NEVER].emerged.any()
+    surv = C.survival_curves(em, HORIZON, ["normal", NEVER])
+    end = surv[surv.step == HORIZON].set_index("scheme")
+    assert end.loc["normal", "fraction_emerged"] == 1.0 and end.loc[NEVER, "fraction_emerged"] == 0.0
+    assert end.loc[NEVER, "n"] == 3 and end.loc[NEVER, "n_never"] == 3
+    mid = surv[(surv.scheme == "normal") & (surv.step == 1250)].fraction_emerged.item()
+    assert mid == pytest.approx(2 / 3)  # seeds 0, 1 emerged at 1000, 1250; seed 2 at 1500
+    summ = C.emergence_summary(em, ["normal", NEVER], n_boot=500).set_index("scheme")
+    assert summ.loc["normal", "restricted_mean"] == pytest.approx(1250) and summ.loc[NEVER, "median"] == np.inf
+
+
+def test_step_and_loss_matching():
+    m = pd.concat([_metrics(s, k).assign(run=f"{s}-s{k}", scheme=s, seed=k) for s in ("normal", NEVER) for k in range(2)])
+    cands = pd.DataFrame([(r, s) for r in m.run.unique() for s in CKPT_STEPS], columns=["run", "step"])
+    sm, step = C.step_matched(cands, m)
+    assert step == HORIZON and (sm.step == HORIZON).all()
+    lm = C.loss_matched(cands, m, target=2.5).set_index("run")
+    # normal-s0 reaches loss 2.0 once emerged at 1000 -> first checkpoint 1000; NEVER stays at 3.0x
+    assert lm.loc["normal-s0", "step"] == 1000 and lm.loc["normal-s1", "step"] == 2000
+    assert not lm.loc[f"{NEVER}-s0", "reached"] and math.isnan(lm.loc[f"{NEVER}-s0", "step"])
+
+
+def test_head_roles_and_permutation_invariant_distances():
+    att = pd.concat([_attention("normal", k).assign(run=f"normal-s{k}", scheme="normal", seed=k) for k in (0, 1)])
+    roles = C.head_roles(att[att.step == HORIZON], threshold=0.4)
+    r0 = roles[roles.run == "normal-s0"].set_index(["layer", "head"]).role
+    assert r0[(0, 0)] == "prev_token" and r0[(1, 1)] == "induction" and r0[(0, 1)] == "other"
+    r1 = roles[roles.run == "normal-s1"]
+    assert r1.set_index(["layer", "head"]).role[(1, 2)] == "induction"
+    # Seeds 0 and 1 put the same heads at different indices: same mechanism up to relabelling.
+    assert C.role_disagreement(roles[roles.run == "normal-s0"], r1) == 0.0
+    abl = pd.concat([_ablation("normal", k).assign(run=f"normal-s{k}", scheme="normal", seed=k) for k in (0, 1)])
+    prof = C.ablation_profiles(abl[abl.step == HORIZON], "zero_ablation_loss_delta")
+    assert C.profile_distance(prof["normal-s0"], prof["normal-s1"]) == pytest.approx(0.0, abs=1e-12)
+    # An unlearned run differs in both.
+    never = _attention(NEVER, 0).assign(run="x", scheme=NEVER, seed=0)
+    rn = C.head_roles(never[never.step == HORIZON])
+    assert C.role_disagreement(roles[roles.run == "normal-s0"], rn) == pytest.approx(1 / 8)
+    pn = C.ablation_profiles(_ablation(NEVER, 0).assign(run="x", scheme=NEVER, seed=0).query(f"step == {HORIZON}"),
+                             "zero_ablation_loss_delta")["x"]
+    assert C.profile_distance(prof["normal-s0"], pn) > 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# The study: run status, degradation, report.
+
+
+def test_run_status_names_missing_incomplete_and_failed_runs(study_root: Path):
+    nb = study_root / "data" / "runs" / PRESET / "orthogonal" / "seed2" / "notebooks"
+    nb.mkdir(parents=True, exist_ok=True)
+    (nb / "04_ablation_patching.ipynb").write_text("{}")  # executed copy, no success stamp
+    (nb / "02_behavior.ipynb").write_text("{}")
+    (nb / "02_behavior.ok.json").write_text("{}")
+    study = C.load_study(PRESET, study_root)
+    st = study.status.set_index("run")
+    assert st.loc["kaiming-s4", "status"] == "missing"
+    assert st.loc["xavier-s3", "status"] == "incomplete" and f"2000 of {HORIZON}" in st.loc["xavier-s3", "detail"]
+    assert st.loc["orthogonal-s2", "status"] == "failed notebook"
+    assert "04_ablation_patching" in st.loc["orthogonal-s2", "detail"] and "02_behavior" not in st.loc["orthogonal-s2", "detail"]
+    assert st.loc["normal-s0", "status"] == "ok"
+    assert len(st) == len(SCHEMES) * len(PRESET_SEEDS[PRESET])
+    assert "xavier-s3" not in set(study.table("metrics").run)  # incomplete runs stay out of the statistics
+
+
+def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
+    study = C.load_study(PRESET, study_root)
+    r1 = C.rq1(study, 0.8, n_boot=500, n_perm=500)
+    em = r1.tables["emergence"].set_index("run")
+    assert em.loc["normal-s2", "emergence_step"] == planted_emergence("normal", 2)
+    summ = r1.tables["emergence_summary"].set_index("scheme")
+    assert summ.loc["kaiming", "n"] == 4 and summ.loc["xavier", "n"] == 4  # named, not averaged silently
+    assert summ.loc[NEVER, "emerged"] == 0
+    tests = r1.tables["emergence_tests"].set_index(["a", "b"])
+    assert tests.loc[("normal", NEVER), "p"] < 0.05  # planted: NEVER never emerges
+    r2 = C.rq2(study, role_threshold=0.4, similar_loss_eps=0.05, cka_sequences=0, n_boot=300, n_perm=300)
+    pairs = r2.tables["step_similar_loss_pairs"]
+    assert len(pairs) and (pairs.loss_gap < 0.05).all()
+    same = pairs[pairs.run_a.str.startswith("normal") & pairs.run_b.str.startswith("normal")]
+    assert (same.ablation_distance.abs() < 1e-9).all()  # relabelled heads, same mechanism
+    roles = r2.tables["step_roles"]
+    assert set(roles[(roles.scheme == NEVER) & (roles.layer == 1)].role) == {"other"}
+    r3 = C.rq3(study, r1.tables["emergence"], early_fraction=500 / HORIZON, n_perm=500)
+    corr = r3.tables["early_correlation"].set_index("feature")
+    assert corr.loc["resid_norm L0", "rho"] == pytest.approx(1.0) and corr.loc["resid_norm L0", "p"] < 0.01
+    assert corr.loc["resid_norm L0", "step"] == 500
+
+
+def test_report_degrades_gracefully_and_names_missing(tmp_path: Path):
+    make_synthetic_study(tmp_path, with_geometry=False, seeds=(0, 1), truncate=("xavier", 1))
+    results, written = C.run_compare(PRESET, tmp_path, n_boot=200, n_perm=200, cka_sequences=8, static=False)
+    html = written["report"].read_text(encoding="utf-8")
+    assert "kaiming-s4" in html and "normal-s2" in html and "xavier-s1" in html  # missing, missing, incomplete
+    assert "Table &#x27;geometry&#x27; was not found" in html or "Table 'geometry' was not found" in html
+    assert (tmp_path / "figures" / PRESET / "07_rq1_curves.html").exists()
+    assert "checkpoint" in html.lower()  # CKA cells left empty, with the reason
+
+
+@pytest.mark.slow
+def test_residual_cka_between_checkpoints(tmp_path: Path):
+    """Two real (untrained) checkpoints: a run is CKA 1 with itself, less with another init;
+    a missing checkpoint leaves the cell empty and says why. Slow: imports TransformerLens."""
+    from initmi_utils.checkpoints import save_checkpoint
+    from initmi_utils.config import RunPaths
+    from initmi_utils.schemes import build_model
+
+    for seed in (0, 1):
+        cfg = experiment("smoke", "normal", seed)
+        save_checkpoint(RunPaths.of(cfg, tmp_path).checkpoints, build_model(cfg, tmp_path), cfg, 0, {})
+    cache = C.ResidualCache("smoke", tmp_path, n_sequences=16)
+    same = cache.cka(("normal", 0, 0), ("normal", 0, 0))
+    other = cache.cka(("normal", 0, 0), ("normal", 1, 0))
+    assert list(same) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values())
+    assert all(v < 0.95 for v in other.values())  # different random embeddings of the same tokens
+    x = cache.get("normal", 0, 0)["blocks.1.hook_resid_post"]
+    assert x.shape == (16 * (32 - 1), 32)  # BOS position dropped
+    assert cache.cka(("normal", 0, 0), ("normal", 0, 40)) == {} and "normal-s0@40" in cache.errors
