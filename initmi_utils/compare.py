@@ -52,7 +52,8 @@ from initmi_utils.config import PRESET_SEEDS, PRESETS, RunPaths, experiment
 from initmi_utils.report import Section, write_report
 from initmi_utils.tables import COLUMNS, read_table
 
-TABLES = ("metrics", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits")
+TABLES = ("metrics", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits",
+          "persistence")
 ANALYSIS_TABLES = TABLES[1:]  # written by notebooks 02-06 (metrics by 01)
 
 
@@ -1087,6 +1088,42 @@ def rq3(study: Study, em: pd.DataFrame | None, early_fraction: float = 0.1, n_bo
     return res
 
 
+PERSISTENCE_METRICS = ("pattern_similarity_to_donor", "ablation_share", "cka_to_donor")
+
+
+def persistence(study: Study, n_boot: int = 2_000, seed: int = 0) -> Result:
+    """Do the `seeded` head slots keep the donor's role? The same slots under the other schemes
+    are the baseline (their similarity to a donor they never saw is what chance looks like)."""
+    from initmi_utils.persistence import seeded_slots
+
+    sec = Section("Persistence · do the seeded head slots keep the donor's role?")
+    res = Result(sec)
+    note = _missing_note(study, "persistence", PERSISTENCE_METRICS)
+    if note:
+        sec.note(note, "warning")
+    table = study.table("persistence")
+    if table.empty:
+        return res
+    sec.text(seeds_note(study, table, "Runs with a persistence table"))
+    slots = (seeded_slots(table)
+             .groupby(["scheme", "seed", "run", "step", "layer", "metric"], as_index=False).value.mean()
+             .assign(panel=lambda d: d.metric + ", layer " + d.layer.astype(str)))
+    summary = band_summary(slots, extra=["panel"], n_boot=n_boot, seed=seed)
+    panels = sorted(slots.panel.unique())
+    fig = plots.band_grid(summary, "Seeded head slots vs the donor over training (mean over seeds, 95% CI)",
+                          panel="panel", panels=panels, colors=study.colors, n_cols=min(3, len(panels)))
+    res.figures["persistence"] = fig
+    sec.figure(fig, "Pattern similarity (1 − Jensen–Shannon) of each seeded slot to its donor head, the slots' share "
+                    "of the total |ablation effect| on induction loss, and linear CKA between the donor's residual "
+                    "stream and the student's seeded subspace; mean over a layer's seeded slots. Under schemes other "
+                    "than `seeded` the same slots are the baseline.")
+    final = slots[slots.step == slots.groupby("run").step.transform("max")]
+    res.tables["persistence_final"] = summarise(final, by=["metric", "layer", "scheme"], n_boot=n_boot, seed=seed)
+    sec.table(res.tables["persistence_final"], "At each run's last scored checkpoint: mean over seeds with 95% "
+                                               "bootstrap CI (n = seeds).")
+    return res
+
+
 # =============================================================================================
 # Overview, headline, output.
 
@@ -1186,5 +1223,6 @@ def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8,
     r2 = rq2(study, match_step, loss_match_target, role_threshold, similar_loss_eps, cka_sequences=cka_sequences,
              n_boot=n_boot, n_perm=n_perm, seed=seed)
     r3 = rq3(study, r1.tables.get("emergence"), early_fraction, min(n_boot, 2000), n_perm, seed)
-    results = [r0, headline(study, r1, r2), r1, r2, r3]
+    r4 = persistence(study, min(n_boot, 2000), seed)
+    results = [r0, headline(study, r1, r2), r1, r2, r3, r4]
     return results, save_outputs(study, results, static)

@@ -97,6 +97,7 @@ class TrainConfig:
     n_log_ckpts: int = 12  # log-spaced checkpoints between step 1 and the end
     emergence_threshold: float = 0.8  # induction accuracy that counts as "emerged"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    donor_steps: int = 0  # steps of the `seeded` scheme's smaller donor; 0 = steps (the d64 donor emerges ~2600)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.ckpt_every < 1:
@@ -196,7 +197,8 @@ PRESETS: dict[str, ExperimentConfig] = {
         train=TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=10, ckpt_every=20, n_log_ckpts=3),
     ),
     # Minutes per run: the default model, long enough for the fast schemes to learn induction.
-    "quick": ExperimentConfig(train=TrainConfig(steps=1200, eval_every=50, ckpt_every=200, n_log_ckpts=8)),
+    "quick": ExperimentConfig(train=TrainConfig(steps=1200, eval_every=50, ckpt_every=200, n_log_ckpts=8,
+                                                donor_steps=4000)),
     # The study: long enough for the slow schemes.
     "full": ExperimentConfig(train=TrainConfig(steps=6000, eval_every=50, ckpt_every=250, n_log_ckpts=12)),
 }

@@ -275,8 +275,8 @@ def mimetic(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
 
 @register_scheme(
     "seeded",
-    "a small trained donor (2 layers x 1 head, d_model = d_head, xavier) embedded exactly into head "
-    "slot 0 of each layer; other readers N(0, 0.02^2), other writers N(0, 0.002^2) outside its subspace",
+    "a trained donor with half the heads and width (xavier) embedded exactly into the first head "
+    "slots of each layer; other readers N(0, 0.02^2), other writers N(0, 0.002^2) outside its subspace",
 )
 def seeded(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
     from initmi_utils.seeded import seed_from_donor  # lazy: seeded trains its donor via train -> schemes

@@ -139,7 +139,8 @@ Reads every run's tables of a preset (`tables.read_table`, one schema) and answe
   survival curve (never-emerged seeds counted);
 - **RQ2** mechanisms at step-matched and loss-matched checkpoints: head roles, ablation matrices, localisation,
   and the "similar loss, different minds" table (ablation-profile distance, head-role disagreement, residual CKA);
-- **RQ3** geometry trajectories with seed bands; early geometry vs emergence step.
+- **RQ3** geometry trajectories with seed bands; early geometry vs emergence step;
+- **persistence** of the `seeded` scheme's donor heads, against the same head slots under the other schemes.
 
 Statistics: mean ± 95% bootstrap CI over seeds, pairwise permutation tests with Holm correction, n seeds always
 shown (`initmi_utils.compare` documents each choice). Missing or failed runs are named, not silently averaged away.
@@ -181,9 +182,13 @@ rq3 = compare.rq3(study, rq1.tables.get("emergence"), early_fraction=early_fract
 rq3.section.show()
 """),
     code("""
+persistence = compare.persistence(study, n_boot=min(n_boot, 2000))
+persistence.section.show()
+"""),
+    code("""
 headline = compare.headline(study, rq1, rq2)
 headline.section.show()
-written = compare.save_outputs(study, [overview, headline, rq1, rq2, rq3])
+written = compare.save_outputs(study, [overview, headline, rq1, rq2, rq3, persistence])
 print("report:", written["report"])
 """),
 ])

@@ -50,6 +50,7 @@ final checkpoint that renders offline (the bundled JavaScript is inlined, no CDN
     parameters('''\
 n_examples: int = 64  # repeated-random sequences the scores are averaged over
 view_example: int = 0  # which sequence the circuitsvis view of the final checkpoint shows
+persistence_checkpoints: int = 6  # checkpoints (evenly spaced, first and last included) scored against the seeded donor
 '''),
     new_code_cell('''\
 import pandas as pd
@@ -98,6 +99,36 @@ view = attention_view(final_pattern[:, view_example], tokens[view_example].tolis
 paths.figures.mkdir(parents=True, exist_ok=True)
 (paths.figures / "03_attention_final.html").write_text(f"<!DOCTYPE html><html><body>{view.html}</body></html>", encoding="utf-8")
 display(view)'''),
+    new_markdown_cell("""\
+## Persistence: do the `seeded` head slots keep the donor's role?
+
+The `seeded` scheme embeds a smaller trained donor (`initmi_utils.seeded`) into head slots
+0 .. n-1 of every layer. Over training: attention-pattern similarity of each slot to its donor
+head (1 - Jensen-Shannon divergence), the slot's share of the total |ablation effect| on the
+induction loss, and linear CKA between the donor's residual stream and the student's seeded
+subspace (`initmi_utils.persistence`). For every other scheme the same slots are the baseline.
+The donor of this seed is trained once and cached (`checkpoints/<preset>/_donors/`)."""),
+    new_code_cell('''\
+import numpy as np
+
+from initmi_utils.persistence import persistence_table, seeded_slots
+from initmi_utils.plots import line_figure
+from initmi_utils.seeded import donor_metrics
+from initmi_utils.train import checkpoint_schedule
+
+donor = donor_metrics(cfg, root)
+print("donor at its last step:", donor[donor.step == donor.step.max()].set_index("metric").value[["val_loss", "val_acc_induction"]].round(3).to_dict())
+# Steps from the fixed schedule (not the adaptive extra checkpoints), so every run is scored at the same steps.
+regular = [s for s in checkpoint_schedule(cfg.train) if s in ckpts.steps]
+picked = sorted({regular[int(i)] for i in np.linspace(0, len(regular) - 1, persistence_checkpoints).round()})
+persistence = persistence_table(cfg, root, steps=picked)
+write_table(persistence, cfg, "persistence", root)
+slots = seeded_slots(persistence).assign(slot=lambda d: "L" + d.layer.astype(str) + d["head"].map(lambda h: f"H{h}" if h >= 0 else ""))
+for metric in ("pattern_similarity_to_donor", "ablation_share", "cka_to_donor"):
+    fig = line_figure(slots[slots.metric == metric], f"{cfg.run.name}: {metric} of the seeded slots", color="slot", y_title=metric)
+    save_figure(fig, paths.figures / f"03_persistence_{metric}")
+    fig.show()
+slots.pivot_table(index="step", columns=["metric", "slot"], values="value").round(3)'''),
 ]
 
 
