@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PRESET ?= quick
-WORKERS ?= 1
+WORKERS ?= 2
 
 .PHONY: venv test test-fast reproduce lab clean-artefacts
 

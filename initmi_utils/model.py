@@ -206,7 +206,8 @@ def to_bridge(model: Transformer):
     # init_weights=False leaves nn.Linear's default init, which draws from the global RNG; fork
     # it so building an analysis view never changes what a caller's torch.rand returns next.
     with torch.random.fork_rng(devices=[]):
-        bridge = TransformerBridge.boot_native(bridge_config(model.cfg))
+        # TL's config defaults to CUDA when present; keep the bridge on the model's device.
+        bridge = TransformerBridge.boot_native(bridge_config(model.cfg), device=next(model.parameters()).device)
     params = {
         name.replace("._original_component", ""): p for name, p in bridge.original_model.named_parameters()
     }

@@ -83,6 +83,8 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
                 assert (paths.notebooks / nb.path.name).exists(), (scheme, nb.path.name)
             assert (paths.checkpoints / "done.json").exists()
             assert (paths.tables / "metrics.parquet").exists()
+    report = tmp_path / "figures" / "smoke" / "report.html"
+    assert report.exists() and "RQ1" in report.read_text(encoding="utf-8")
     # A second run has nothing to do.
     again = pipeline("--preset", "smoke", "--workers", "2", root=tmp_path)
     assert again.returncode == 0 and " 0 ok," in again.stdout, again.stdout[-2000:]
