@@ -26,7 +26,7 @@ Heads are unordered within a layer: run A's head 2 has no relation to run B's he
 cross-run comparison of heads is therefore invariant to permuting heads within a layer
 (profiles sorted within layer, roles compared as counts per layer).
 
-RQ2's residual-stream similarity is linear CKA computed here (``linear_cka``):
+RQ2's residual-stream similarity is linear CKA (``geometry.linear_cka``) computed here:
 TransformerLens has no representation-similarity measure, and linear CKA is five lines.
 """
 
@@ -49,6 +49,7 @@ from torch import Tensor
 from initmi_utils import plots
 from initmi_utils.behavior import emergence_step
 from initmi_utils.config import PRESET_SEEDS, PRESETS, RunPaths, experiment
+from initmi_utils.geometry import linear_cka
 from initmi_utils.report import Section, write_report
 from initmi_utils.tables import COLUMNS, read_table
 
@@ -256,25 +257,6 @@ def format_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
 
 # =============================================================================================
 # Linear CKA on residual streams.
-
-
-def linear_cka(X: Float[Tensor, "n d1"], Y: Float[Tensor, "n d2"]) -> float:
-    """Linear centred kernel alignment (Kornblith et al. 2019) between two representations of the
-    same n inputs: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``.
-
-    1 when Y is an orthogonal transform and isotropic rescaling of X (two models whose residual
-    bases differ by a rotation count as the same), ~0 for unrelated representations. Computed in
-    feature space (d x d Gram matrices), which is cheap for n >> d, in float64 to keep the ratio
-    of large sums exact.
-    """
-    X, Y = X.double(), Y.double()
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"linear_cka needs the same inputs for both: {X.shape[0]} vs {Y.shape[0]} rows.")
-    X, Y = X - X.mean(0), Y - Y.mean(0)
-    den = torch.linalg.norm(X.T @ X) * torch.linalg.norm(Y.T @ Y)
-    if den <= 0:
-        return math.nan
-    return float(torch.linalg.norm(Y.T @ X) ** 2 / den)
 
 
 def residual_streams(model, tokens) -> dict[str, Float[Tensor, "n d_model"]]:

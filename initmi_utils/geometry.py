@@ -241,7 +241,14 @@ def head_outputs(cache, model: Transformer, mask: Bool[Tensor, "batch pos"] | No
 
 
 def linear_cka(x: Float[Tensor, "n d1"], y: Float[Tensor, "n d2"]) -> float:
-    """Linear CKA (Kornblith et al. 2019) between two representations of the same ``n`` inputs."""
+    """Linear CKA (Kornblith et al. 2019) between two representations of the same ``n`` inputs:
+    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` on centred features.
+
+    1 when one is an orthogonal transform and isotropic rescaling of the other (two bases that
+    differ by a rotation count as the same), ~0 for unrelated representations. Computed in feature
+    space (d x d Gram matrices, cheap for n >> d) in float64. The one implementation used by
+    geometry (head similarity), persistence (donor vs student) and compare (runs vs runs);
+    TransformerLens has no CKA."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"CKA compares representations of the same inputs; got {x.shape[0]} and {y.shape[0]} rows.")
     x = x.double() - x.double().mean(0)

@@ -39,6 +39,7 @@ from torch import Tensor
 from initmi_utils.behavior import next_token_stats
 from initmi_utils.config import ExperimentConfig
 from initmi_utils.data import Batch
+from initmi_utils.geometry import linear_cka
 from initmi_utils.model import Transformer, to_bridge
 from initmi_utils.seeded import DONOR, DonorConfig, to_donor_basis, train_donor
 
@@ -63,15 +64,6 @@ def js_similarity(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float
     kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
     kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
     return 1 - (kl_pm + kl_qm) / (2 * math.log(2))
-
-
-def linear_cka(x: Float[Tensor, "n a"], y: Float[Tensor, "n b"]) -> float:
-    """Linear CKA (Kornblith et al. 2019) of two representations of the same ``n`` samples:
-    ``|Y^T X|_F^2 / (|X^T X|_F |Y^T Y|_F)`` on centred features; invariant to rotations and
-    isotropic scaling of either side, so it compares the 32-d donor with any student basis."""
-    x, y = x.double(), y.double()
-    x, y = x - x.mean(0), y - y.mean(0)
-    return ((y.T @ x).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm())).item()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,6 +185,20 @@ def heatmap_grid(df: pd.DataFrame, title: str, row: str = "scheme", col: str = "
     return fig
 
 
+def panel_lines(df: pd.DataFrame, panel: str, series: str, title: str, log_y: bool = False,
+                n_cols: int = 3) -> go.Figure:
+    """One line per ``series`` over training steps, one panel (own y axis) per value of ``panel``."""
+    import plotly.express as px
+
+    n_rows = -(-df[panel].nunique() // n_cols)
+    fig = px.line(df.sort_values("step"), x="step", y="value", color=series, facet_col=panel,
+                  facet_col_wrap=n_cols, markers=True, log_y=log_y, template=TEMPLATE, title=title,
+                  height=380 * n_rows)
+    fig.update_yaxes(matches=None, showticklabels=True)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    return fig
+
+
 def line_figure(df: pd.DataFrame, title: str, x: str = "step", y: str = "value", color: str = "metric",
                 y_title: str = "", hline: float | None = None, vline: float | None = None) -> go.Figure:
     """Plain lines, one per ``color`` value (one run's curves); optional threshold / event lines."""

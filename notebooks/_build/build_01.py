@@ -1,7 +1,9 @@
-from pathlib import Path
+"""Build notebooks/01_train.ipynb (no outputs): ``.venv/bin/python notebooks/_build/build_01.py``."""
 
-import nbformat
-from nbformat.v4 import new_notebook, new_code_cell, new_markdown_cell
+from nbformat.v4 import new_code_cell, new_markdown_cell
+
+from common import RUN_PARAMETERS, notebook, parameters, write
+
 cells = [
 new_markdown_cell("""# 01 · Train one run
 
@@ -11,10 +13,7 @@ the metrics table to `data/runs/<preset>/<scheme>/seed<k>/metrics.parquet`.
 
 Run the whole grid with `python -m initmi_utils.pipeline --preset quick`; run this notebook alone from
 JupyterLab after editing the parameters below."""),
-new_code_cell("""init_scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | orthogonal | scaled_residual | ...
-seed: int = 0  # init seed; the data and the batch order are fixed by the preset's data seed
-preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
-root: str = ".."  # project root: artefacts go to root/checkpoints, root/data, root/figures""", metadata={"tags": ["parameters"]}),
+parameters(RUN_PARAMETERS),
 new_code_cell("""import plotly.express as px
 
 from initmi_utils.config import RunPaths, experiment
@@ -39,5 +38,4 @@ for name, which in figures.items():
     save_figure(fig, paths.figures / f"01_{name}")
     fig.show()"""),
 ]
-nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}, "language_info": {"name": "python"}})
-nbformat.write(nb, Path(__file__).resolve().parents[1] / "01_train.ipynb")
+write(notebook(cells), "01_train.ipynb")

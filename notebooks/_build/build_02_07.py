@@ -9,38 +9,7 @@ this script, not the .ipynb files.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent.parent
-
-
-def notebook(cells: list) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=cells)
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    }
-    for i, c in enumerate(nb.cells):
-        c.id = f"cell-{i:02d}"  # stable ids: regenerating does not churn the diff
-    return nb
-
-
-def parameters(source: str) -> nbformat.NotebookNode:
-    cell = new_code_cell(source.strip())
-    cell.metadata["tags"] = ["parameters"]
-    return cell
-
-
-def code(source: str) -> nbformat.NotebookNode:
-    return new_code_cell(source.strip())
-
-
-def md(source: str) -> nbformat.NotebookNode:
-    return new_markdown_cell(source.strip())
-
+from common import code, md, notebook, parameters, run_parameters, write
 
 BEHAVIOR = notebook([
     md("""
@@ -57,11 +26,7 @@ Writes the table `behavior` (`data/runs/<preset>/<scheme>/seed<k>/behavior.parqu
   (`behavior.icl_score` says why these positions); negative = the model uses its context;
 - **first vs repeated half**: loss on A[1:] in the first copy vs in the second copy (`behavior.half_losses`).
 """),
-    parameters("""
-init_scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | orthogonal | scaled_residual | ...
-seed: int = 0  # init seed of the run to analyse
-preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
-root: str = ".."  # project root: reads root/checkpoints and root/data, writes root/figures
+    run_parameters("""
 emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction has emerged"
 """),
     code("""
@@ -196,9 +161,7 @@ print("report:", written["report"])
 
 def main() -> None:
     for name, nb in (("02_behavior.ipynb", BEHAVIOR), ("07_compare.ipynb", COMPARE)):
-        nbformat.validate(nb)
-        nbformat.write(nb, str(HERE / name))
-        print("wrote", HERE / name)
+        write(nb, name)
 
 
 if __name__ == "__main__":

@@ -6,33 +6,9 @@ not in the .ipynb files, so the committed notebooks stay output-free and reviewa
 
 from __future__ import annotations
 
-from pathlib import Path
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent.parent
-
-COMMON_PARAMETERS = '''\
-init_scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | orthogonal | scaled_residual | ...
-seed: int = 0  # init seed; the data and the batch order are fixed by the preset's data seed
-preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
-root: str = ".."  # project root: artefacts go to root/checkpoints, root/data, root/figures
-'''
-
-
-def notebook(cells: list) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def parameters(extra: str) -> nbformat.NotebookNode:
-    cell = new_code_cell(COMMON_PARAMETERS + extra)
-    cell.metadata["tags"] = ["parameters"]
-    return cell
-
+from common import notebook, run_parameters as parameters, write
 
 NB03 = [
     new_markdown_cell("""\
@@ -249,11 +225,7 @@ loc[loc.step == final][["source", "metric", "value", "top_layer", "top_head"]]''
 
 def main() -> None:
     for name, cells in (("03_attention.ipynb", NB03), ("04_ablation_patching.ipynb", NB04)):
-        nb = notebook(cells)
-        nbformat.validate(nb)
-        path = HERE / name
-        nbformat.write(nb, path)
-        print(f"wrote {path}")
+        write(notebook(cells), name)
 
 
 if __name__ == "__main__":

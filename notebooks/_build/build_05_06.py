@@ -6,43 +6,9 @@ not in the .ipynb files, so the committed notebooks stay output-free and reviewa
 
 from __future__ import annotations
 
-from pathlib import Path
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent.parent
-
-COMMON_PARAMETERS = '''\
-init_scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | orthogonal | scaled_residual | ...
-seed: int = 0  # init seed; the data and the batch order are fixed by the preset's data seed
-preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
-root: str = ".."  # project root: artefacts go to root/checkpoints, root/data, root/figures
-'''
-
-# Lines over training, one panel per value of `panel` with its own y axis. Used by both notebooks.
-PANEL_LINES = '''\
-def panel_lines(df, panel, series, title, log_y=False, n_cols=3):
-    """One line per `series` over training steps, one panel (own y axis) per value of `panel`."""
-    fig = px.line(df.sort_values("step"), x="step", y="value", color=series, facet_col=panel, facet_col_wrap=n_cols,
-                  markers=True, log_y=log_y, template="plotly_white", title=title, height=380 * -(-df[panel].nunique() // n_cols))
-    fig.update_yaxes(matches=None, showticklabels=True)
-    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
-    return fig'''
-
-
-def notebook(cells: list) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def parameters(extra: str) -> nbformat.NotebookNode:
-    cell = new_code_cell(COMMON_PARAMETERS + extra)
-    cell.metadata["tags"] = ["parameters"]
-    return cell
-
+from common import notebook, run_parameters as parameters, write
 
 NB05 = [
     new_markdown_cell("""\
@@ -74,7 +40,7 @@ from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
 from initmi_utils.logit_lens import hook_names, lens_batch, logit_lens_table
 from initmi_utils.model import to_bridge
-from initmi_utils.plots import save_figure
+from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.tables import write_table
 
 cfg = experiment(preset, init_scheme, seed)
@@ -84,7 +50,7 @@ batch = lens_batch(load_dataset(cfg, root), n_val, n_rep)
 names = hook_names(cfg.model.n_layers)
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, batch {tuple(batch.tokens.shape)}")
 
-''' + PANEL_LINES),
+'''),
     new_markdown_cell("## The lens at every checkpoint (one cached forward each)"),
     new_code_cell('''\
 frames = []
@@ -157,7 +123,7 @@ from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
 from initmi_utils.geometry import geometry_table, hook_names
 from initmi_utils.model import to_bridge
-from initmi_utils.plots import save_figure
+from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.tables import write_table
 
 cfg = experiment(preset, init_scheme, seed)
@@ -170,7 +136,7 @@ null = composition_null(cfg.model, init_scheme, null_models, cfg, root)
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, {len(tokens)} sequences")
 print("composition null (mean ± std):", {f"{m} L{s}->L{l}": f"{null.mean[(m, s, l)]:.3f} ± {null.std[(m, s, l)]:.3f}" for m, s, l in null.mean})
 
-''' + PANEL_LINES),
+'''),
     new_markdown_cell("## Every checkpoint (one cached forward each)"),
     new_code_cell('''\
 geo_frames, circ_frames = [], []
@@ -255,11 +221,7 @@ comp[comp.step == final].pivot_table(index="series", columns="metric", values="v
 
 def main() -> None:
     for name, cells in (("05_logit_lens.ipynb", NB05), ("06_geometry.ipynb", NB06)):
-        nb = notebook(cells)
-        nbformat.validate(nb)
-        path = HERE / name
-        nbformat.write(nb, path)
-        print(f"wrote {path}")
+        write(notebook(cells), name)
 
 
 if __name__ == "__main__":
