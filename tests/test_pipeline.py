@@ -53,6 +53,9 @@ def test_committed_notebooks_are_clean_and_parameterised():
             if line.strip() and not line.lstrip().startswith("#"):
                 assert ":" in line.split("=")[0] and "(" not in line.split("#")[0], f"{nb.path.name}: {line}"
         assert set(("preset", "root")) <= set(nb.parameters)
+        # papermill silently drops a parameter it cannot parse (e.g. an '=' in its comment).
+        declared = [l.split(":")[0].strip() for l in params[0].source.splitlines() if l.strip() and not l.startswith("#")]
+        assert declared == list(nb.parameters), f"{nb.path.name}: papermill sees {list(nb.parameters)}"
 
 
 def test_a_failing_notebook_is_reported_and_the_other_runs_go_on(tmp_path):
