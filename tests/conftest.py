@@ -16,6 +16,15 @@ def tiny_cfg(scheme: str = "normal", seed: int = 0, **sections) -> ExperimentCon
     return cfg.replace(**sections) if sections else cfg
 
 
+def one_value(df, **where) -> float:
+    """The ``value`` of the single row matching ``where`` (fails if there is not exactly one)."""
+    sel = df
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, f"expected one row for {where}, got {len(sel)}"
+    return sel.value.item()
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(1234)

@@ -20,6 +20,7 @@ from initmi_utils.config import ModelConfig
 from initmi_utils.handbuilt import ROLES, handbuilt_model_config, induction_model
 from initmi_utils.model import Transformer, to_bridge, torch_threads
 from initmi_utils.schemes import init_weights
+from tests.conftest import one_value as _value
 
 SMALL = ModelConfig(n_layers=2, n_heads=4, d_model=64, d_mlp=128, d_vocab=48, n_ctx=32)
 
@@ -32,14 +33,6 @@ def built():
 @pytest.fixture(scope="module")
 def null():
     return composition_null(handbuilt_model_config(), "normal", n_models=4)
-
-
-def _value(df, **where):
-    sel = df
-    for k, v in where.items():
-        sel = sel[sel[k] == v]
-    assert len(sel) == 1, f"expected one row for {where}, got {len(sel)}"
-    return sel.value.item()
 
 
 def _heads(model):

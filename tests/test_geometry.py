@@ -22,6 +22,7 @@ from initmi_utils.geometry import (
 from initmi_utils.handbuilt import ROLES, handbuilt_dataset, handbuilt_experiment, induction_model
 from initmi_utils.model import Transformer, to_bridge
 from initmi_utils.schemes import init_weights
+from tests.conftest import one_value as _value
 
 
 def _orthonormal(n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -36,14 +37,6 @@ def built():
     with torch.no_grad():
         _, cache = to_bridge(model).run_with_cache(ds.rep.tokens, names_filter=lambda n: n in names)
     return model, cache
-
-
-def _value(df, **where):
-    sel = df
-    for k, v in where.items():
-        sel = sel[sel[k] == v]
-    assert len(sel) == 1, f"expected one row for {where}, got {len(sel)}"
-    return sel.value.item()
 
 
 # --- effective rank ----------------------------------------------------------------------------
