@@ -5,7 +5,7 @@ Run ``python benchmarks/bench_train.py`` (defaults: the default model 2L x 4H, d
 load from other processes hits every contender alike, it times:
 
 - ``ours``:     ``initmi_utils.train``'s step exactly: ``Transformer`` + ``loss_fn`` + the AdamW of
-  ``train._optimizer`` (foreach, decay on matrices only), lr set by ``lr_at``, grad-norm clip 1.0,
+  ``train._optimizer`` (foreach, decay on matrices only) and ``train.optimizer_step`` (lr from ``lr_at``, grad-norm clip 1.0),
   ``loss.item()`` (train.py reads the loss every step);
 - ``tl_bridge``: the same weights in ``to_bridge(model)``, ``bridge(tokens, return_type="loss")``
   and the very same optimizer and step: the cost of the model path alone;
@@ -53,7 +53,7 @@ from initmi_utils.config import ExperimentConfig  # noqa: E402
 from initmi_utils.data import BigramChain, _generator, sample_sequences  # noqa: E402
 from initmi_utils.model import flops_per_token, loss_fn, to_bridge  # noqa: E402
 from initmi_utils.schemes import build_model  # noqa: E402
-from initmi_utils.train import _optimizer, lr_at  # noqa: E402
+from initmi_utils.train import _optimizer, optimizer_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,15 +109,8 @@ def make_ours(cfg: ExperimentConfig, tokens: torch.Tensor):
     t = cfg.train
 
     def run(k: int) -> float:
-        for step in range(k):  # the body of train.py's loop, minus data and evaluation
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
-            loss = loss_fn(model(tokens), tokens)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            last = loss.item()
+        for step in range(k):  # train.py's step, minus data and evaluation
+            last = optimizer_step(opt, lambda: loss_fn(model(tokens), tokens), model.parameters(), step, t)
         return last
 
     return run
@@ -132,14 +125,7 @@ def make_tl_bridge(cfg: ExperimentConfig, tokens: torch.Tensor):
 
     def run(k: int) -> float:
         for step in range(k):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
-            loss = bridge(tokens, return_type="loss")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(bridge.parameters(), t.grad_clip)
-            opt.step()
-            last = loss.item()
+            last = optimizer_step(opt, lambda: bridge(tokens, return_type="loss"), bridge.parameters(), step, t)
         return last
 
     return run
@@ -221,14 +207,7 @@ def loop_steps_per_s(batch: int, n_steps: int, threads: int) -> float:
         for step in range(offset, offset + k):
             tokens = sample_sequences(chain, cfg.data, cfg.model.d_vocab, batch,
                                       _generator(cfg.data.seed, "train", step)).tokens
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
-            loss = loss_fn(model(tokens), tokens)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            loss.item()
+            optimizer_step(opt, lambda: loss_fn(model(tokens), tokens), model.parameters(), step, t)
 
     steps(3, 0)
     t0 = time.perf_counter()

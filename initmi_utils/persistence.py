@@ -27,15 +27,14 @@ cache per checkpoint; one ``run_with_hooks`` per ablated head).
 from __future__ import annotations
 
 import math
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from initmi_utils.ablation import ablation_effects
 from initmi_utils.behavior import next_token_stats
 from initmi_utils.config import ExperimentConfig
 from initmi_utils.data import Batch
@@ -45,11 +44,8 @@ from initmi_utils.seeded import DONOR, DonorConfig, to_donor_basis, train_donor
 
 PERSISTENCE_METRICS = ("pattern_similarity_to_donor", "ablation_share", "cka_to_donor")
 
-Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], float]
-
-
 def induction_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> float:
-    """Mean cross-entropy on the batch's induction targets (the default ablation metric)."""
+    """Mean cross-entropy on the batch's induction targets (what ``ablation_share`` is measured on)."""
     return next_token_stats(logits, batch)["loss_induction"]
 
 
@@ -116,34 +112,22 @@ def cka_scores(acts: dict[str, Tensor], donor_acts: dict[str, Tensor]) -> pd.Dat
     return pd.DataFrame(rows).assign(head=-1)
 
 
-def ablation_scores(bridge, tokens: Tensor, metric: Metric, clean_logits: Tensor | None = None) -> pd.DataFrame:
-    """``ablation_effect`` (metric with the head's ``z`` zeroed minus clean) and ``ablation_share``
-    (``|effect|`` over the sum of all heads' ``|effect|``; NaN when no head has any effect)."""
-
-    def zero_head(z: Float[Tensor, "batch pos head d_head"], hook, head: int) -> Tensor:
-        z[:, :, head] = 0.0
-        return z
-
-    rows = []
-    with torch.no_grad():
-        clean = metric(bridge(tokens) if clean_logits is None else clean_logits)
-        for l in range(bridge.cfg.n_layers):
-            for h in range(bridge.cfg.n_heads):
-                logits = bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_z", partial(zero_head, head=h))])
-                rows.append(dict(layer=l, head=h, metric="ablation_effect", value=metric(logits) - clean))
-    df = pd.DataFrame(rows)
+def ablation_scores(bridge, batch: Batch) -> pd.DataFrame:
+    """``ablation_effect`` (induction loss with the head's ``z`` zeroed minus clean, from
+    ``ablation.ablation_effects``) and ``ablation_share`` (``|effect|`` over the sum of all heads'
+    ``|effect|``; NaN when no head has any effect)."""
+    effects = ablation_effects(bridge, batch, kinds=("zero",))
+    df = effects[effects.metric == "zero_ablation_loss_delta"][["layer", "head", "value"]].assign(metric="ablation_effect")
     total = df.value.abs().sum()
     share = df.assign(metric="ablation_share", value=df.value.abs() / total if total > 0 else math.nan)
     return pd.concat([df, share], ignore_index=True)
 
 
-def persistence_scores(model: Transformer, donor_acts: dict[str, Tensor], batch: Batch,
-                       metric: Metric | None = None) -> pd.DataFrame:
+def persistence_scores(model: Transformer, donor_acts: dict[str, Tensor], batch: Batch) -> pd.DataFrame:
     """Every persistence score of one model against the donor's activations on ``batch.tokens``."""
-    metric = metric or partial(induction_loss, batch=batch)
     bridge = to_bridge(model)
     acts = activations(bridge, batch.tokens)
-    return pd.concat([pattern_similarity(acts, donor_acts), ablation_scores(bridge, batch.tokens, metric, acts["logits"]),
+    return pd.concat([pattern_similarity(acts, donor_acts), ablation_scores(bridge, batch),
                       cka_scores(acts, donor_acts)], ignore_index=True)
 
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,23 @@ def checkpoint_schedule(t: TrainConfig) -> list[int]:
 
 def lr_at(step: int, t: TrainConfig) -> float:
     return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss_of: Callable[[], torch.Tensor], params, step: int,
+                   t: TrainConfig) -> float:
+    """One update: the step's learning rate, backward, global grad-norm clip, AdamW; the loss.
+
+    ``loss_of`` computes the loss, so the benchmark can time exactly this step on another model
+    view (the bridge) without a copy of the loop.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, t)
+    loss = loss_of()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    opt.step()
+    return loss.item()
 
 
 @torch.no_grad()
@@ -132,15 +150,9 @@ def train(cfg: ExperimentConfig, root: str | Path = ".", progress: bool = True) 
                    disable=not progress, desc=cfg.run.name)
         for step in range(state["step"], t.steps):
             batch = ds.train_batch(step, t.batch_size)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
-            loss = loss_fn(model(batch.tokens), batch.tokens)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
+            loss = optimizer_step(opt, lambda: loss_fn(model(batch.tokens), batch.tokens), model.parameters(), step, t)
             done_steps = step + 1
-            state["loss_sum"] += loss.item()
+            state["loss_sum"] += loss
             state["loss_n"] += 1
             bar.update(1)
 

@@ -83,7 +83,7 @@ def test_ablation_share_finds_the_only_head_that_writes(rep):
                 if (l, h) != (1, 0):
                     block.attn.W_O[h] = 0.0
     metric = partial(induction_loss, batch=rep)
-    df = ablation_scores(to_bridge(model), rep.tokens, metric)
+    df = ablation_scores(to_bridge(model), rep)
     share = df[df.metric == "ablation_share"].set_index(["layer", "head"]).value
     assert share[(1, 0)] == pytest.approx(1.0)
     assert share.drop((1, 0)).abs().max() < 1e-6
