@@ -52,7 +52,7 @@ def _ablate_variants_hook(z: Float[Tensor, "variants_x_batch pos head d_head"], 
     return z
 
 
-def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, max_batch: int = 1024) -> pd.DataFrame:
+def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, max_batch: int = 64) -> pd.DataFrame:
     """The ablation effect matrix and the induction-score changes it causes downstream.
 
     For each kind in ``kinds`` and each head (l, h), head (l, h)'s ``hook_z`` is replaced by 0
@@ -69,7 +69,8 @@ def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, m
 
     Speed: the bridge's per-forward overhead dominates on small models, so the ablations run
     batched: the batch is repeated once per (kind, head) and one hook per layer ablates a
-    different head in each copy (at most ``max_batch`` sequences per forward).
+    different head in each copy (at most ``max_batch`` sequences per forward: on CPU 64 was
+    1.6x faster than 1024, whose activations fall out of cache).
     """
     bad = sorted(set(kinds) - set(ABLATIONS))
     if bad:

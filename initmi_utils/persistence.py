@@ -123,9 +123,10 @@ def ablation_scores(bridge, batch: Batch) -> pd.DataFrame:
     return pd.concat([df, share], ignore_index=True)
 
 
-def persistence_scores(model: Transformer, donor_acts: dict[str, Tensor], batch: Batch) -> pd.DataFrame:
-    """Every persistence score of one model against the donor's activations on ``batch.tokens``."""
-    bridge = to_bridge(model)
+def persistence_scores(model: Transformer, donor_acts: dict[str, Tensor], batch: Batch, bridge=None) -> pd.DataFrame:
+    """Every persistence score of one model against the donor's activations on ``batch.tokens``
+    (``bridge``: one to refill, see ``model.to_bridge``)."""
+    bridge = to_bridge(model, reuse=bridge)
     acts = activations(bridge, batch.tokens)
     return pd.concat([pattern_similarity(acts, donor_acts), ablation_scores(bridge, batch),
                       cka_scores(acts, donor_acts)], ignore_index=True)
@@ -147,10 +148,11 @@ def persistence_table(cfg: ExperimentConfig, root: str | Path = ".", donor: Dono
     missing = sorted(set(steps or []) - set(ckpts.steps))
     if missing:
         raise ValueError(f"run {cfg.run.name} has no checkpoints at steps {missing}; it has {list(ckpts.steps)}.")
-    frames = []
+    frames, bridge = [], None
     for step in steps or ckpts.steps:
         model, _ = ckpts.load(step)
-        frames.append(persistence_scores(model, donor_acts, batch).assign(step=step))
+        bridge = to_bridge(model, reuse=bridge)
+        frames.append(persistence_scores(model, donor_acts, batch, bridge).assign(step=step))
     df = pd.concat(frames, ignore_index=True)
     df["donor_head"] = df["donor_head"].fillna(-1).astype(int)
     return df[["step", "layer", "head", "donor_head", "metric", "value"]]

@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -197,6 +198,35 @@ def execute(job: Job, kernel: str, log=print, warm: WarmKernel | None = None) ->
         + (f"\n         {job.error}" if job.error else ""))
 
 
+def needs_donor(schemes: list[str], notebooks: list[Notebook]) -> bool:
+    """Whether the selected work needs the ``seeded`` scheme's donors: training a ``seeded`` run
+    does, and so does every run's persistence analysis (a notebook declaring
+    ``persistence_checkpoints``), whose baseline is the donor of the run's seed."""
+    per_run = [nb for nb in notebooks if nb.per_run]
+    return bool(per_run) and ("seeded" in schemes or any("persistence_checkpoints" in nb.parameters for nb in per_run))
+
+
+@dataclass
+class DonorJob:
+    """Train (or reuse) one seed's donor in a subprocess (``python -m initmi_utils.seeded``)."""
+
+    preset: str
+    seed: int
+    root: Path
+    error: str = ""
+
+    def run(self, log=print) -> bool:
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "initmi_utils.seeded", "--preset", self.preset, "--seed", str(self.seed),
+               "--root", str(self.root)]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=NOTEBOOK_DIR.parent)
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        self.error = "" if done.returncode == 0 else (lines[-1] if lines else f"exit status {done.returncode}")
+        log(f"[{'ok' if not self.error else 'failed':>6}] donor seed={self.seed} ({time.perf_counter() - start:.1f}s)"
+            + (f": {lines[-1]}" if lines and not self.error else f"\n         {self.error}" if self.error else ""))
+        return not self.error
+
+
 def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Notebook], root: Path,
          extra: dict) -> tuple[list[list[Job]], list[Job]]:
     """Per-run chains of jobs and the per-preset jobs that depend on all of them."""
@@ -312,9 +342,21 @@ def main(argv: list[str] | None = None) -> int:
         for job in chain:
             execute(job, kernel, log, warm_kernel())
 
+    donors = [DonorJob(a.preset, seed, root) for seed in seeds] if needs_donor(schemes, selected) else []
+    failed_donors: list[DonorJob] = []
+
+    def run_task(task) -> None:
+        if isinstance(task, DonorJob):
+            if not task.run(log):
+                failed_donors.append(task)
+        else:
+            run_chain(task)
+
     try:
         with ThreadPoolExecutor(max_workers=a.workers) as pool:
-            list(pool.map(run_chain, chains))
+            # Donors first: a worker trains a donor while the others start on runs, instead of two
+            # workers reaching the donor's lock together and one of them idling until it is trained.
+            list(pool.map(run_task, [*donors, *chains]))
         for job in finals:
             # The comparison runs even when some runs failed: its report names the missing runs.
             job.depends = [j for j in job.depends if j.status not in ("failed", "blocked")]
@@ -325,13 +367,15 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [j for c in chains for j in c] + finals
     failed = [j for j in jobs if j.status in ("failed", "blocked")]
+    for d in failed_donors:
+        print(f"FAILED: donor of seed {d.seed} ({d.error})", file=sys.stderr)
     counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "skipped", "failed", "blocked")}
     print(f"done in {time.perf_counter() - start:.0f}s: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     for j in failed:
         print(f"FAILED: {j.notebook.path.name} {j.parameters} -> {j.output}"
               + (f" ({j.error})" if j.error else " (not run: an earlier notebook of this run failed)"),
               file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or failed_donors else 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def test_default_model_is_the_proposals():
         ({"model": {"d_vocab": 10}}, "too small for the data"),
         ({"data": {"rep_len": 40}}, "rep_len"),
         ({"train": {"steps": 0}}, "steps"),
+        ({"train": {"donor_lr": -1e-3}}, "donor_lr >= 0"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(sections, fragment):

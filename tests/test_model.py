@@ -25,6 +25,38 @@ def test_bridge_logits_match_training_model(scheme):
     assert torch.equal(bridge.W_U, model.unembed.W_U.detach())
 
 
+def test_a_reused_bridge_computes_the_new_model_and_refuses_another_config():
+    first, second = build_model(experiment("quick", "normal", 0)), build_model(experiment("quick", "orthogonal", 1))
+    tokens = torch.randint(0, 64, (3, 64))
+    bridge = to_bridge(first)
+    with torch.no_grad():
+        reused = to_bridge(second, reuse=bridge)
+        assert reused is bridge
+        assert torch.allclose(reused(tokens), second(tokens), atol=1e-4)
+        assert not torch.allclose(reused(tokens), first(tokens), atol=1e-2)
+        # Same (layer, head) weights as a fresh bridge of the second model.
+        assert torch.equal(reused.W_Q, to_bridge(second).W_Q)
+    with pytest.raises(ValueError, match="another model config"):
+        to_bridge(build_model(tiny_cfg("normal")), reuse=bridge)
+
+
+def test_no_grad_forward_in_chunks_matches_one_batch():
+    # Evaluation runs in chunks of EVAL_CHUNK sequences; logits and patterns must be those of one batch.
+    from initmi_utils.model import EVAL_CHUNK
+
+    model = build_model(experiment("quick", "xavier", 0))
+    tokens = torch.randint(0, 64, (2 * EVAL_CHUNK + 5, 40))
+    whole_patterns, chunked_patterns = [], []
+    whole = model(tokens, whole_patterns)  # with gradients: one batch
+    with torch.no_grad():
+        chunked = model(tokens, chunked_patterns)
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-5)
+    assert len(chunked_patterns) == len(whole_patterns) == model.cfg.n_layers
+    for a, b in zip(chunked_patterns, whole_patterns):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
+
+
 def test_attn_only_bridge_matches():
     model = build_model(tiny_cfg("kaiming", model={"attn_only": True}))
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 20))

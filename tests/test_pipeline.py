@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from initmi_utils.config import PRESET_SEEDS, RunPaths, experiment
-from initmi_utils.pipeline import NOTEBOOK_DIR, discover
+from initmi_utils.pipeline import NOTEBOOK_DIR, discover, needs_donor
 from initmi_utils.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,10 +74,33 @@ def test_a_failing_notebook_is_reported_and_the_other_runs_go_on(tmp_path):
     assert executed.exists(), "the failing notebook's executed copy is kept for inspection"
 
 
+def test_donors_are_scheduled_only_for_work_that_reads_them():
+    by_number = {nb.number: nb for nb in discover()}
+    assert not needs_donor(["normal", "xavier"], [by_number["01"], by_number["02"]])
+    assert needs_donor(["seeded"], [by_number["01"]])  # the seeded run embeds its donor
+    assert needs_donor(["normal"], [by_number["03"]])  # persistence scores every run against the donor
+    assert not needs_donor(["seeded"], [by_number["07"]])  # the comparison only reads tables
+
+
+def test_a_failing_donor_is_reported_with_its_seed(tmp_path):
+    root = tmp_path / "root"
+    cfg = experiment("smoke", "seeded", 0)
+    from initmi_utils.config import data_dir
+    from initmi_utils.data import load_dataset
+
+    load_dataset(cfg, root)
+    (data_dir(cfg, root) / "manifest.json").write_text(json.dumps({"sha256": "0" * 64}))
+    out = pipeline("--preset", "smoke", "--schemes", "seeded", "--notebooks", "01", root=root)
+    assert out.returncode == 1
+    assert "FAILED: donor of seed 0" in out.stderr and "manifest" in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
     out = pipeline("--preset", "smoke", "--workers", "2", root=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # The donor is its own job, so no worker waits on its lock inside a notebook.
+    assert "[    ok] donor seed=0" in out.stdout, out.stdout[-3000:]
     notebooks = discover()
     for scheme in SCHEMES:
         for seed in PRESET_SEEDS["smoke"]:

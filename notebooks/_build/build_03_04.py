@@ -48,11 +48,12 @@ tokens = load_dataset(cfg, root).rep.tokens[:n_examples]
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, {len(tokens)} sequences of {tokens.shape[1]} tokens")'''),
     new_markdown_cell("## Scores at every checkpoint (one cached forward each)"),
     new_code_cell('''\
-frames = []
+frames, bridge = [], None
 for step in ckpts.steps:
     model, _ = ckpts.load(step)
+    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
     with torch.no_grad():
-        _, cache = to_bridge(model).run_with_cache(tokens, names_filter=pattern_names(cfg.model.n_layers))
+        _, cache = bridge.run_with_cache(tokens, names_filter=pattern_names(cfg.model.n_layers))
     pattern = patterns_from_cache(cache, cfg.model.n_layers)
     frames.append(head_scores(pattern, tokens, step=step))
 scores = pd.concat(frames, ignore_index=True)
@@ -152,10 +153,10 @@ PATCHING_SOURCES = ("patch_head_normalised",)
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")'''),
     new_markdown_cell("## Ablations and patching at every checkpoint"),
     new_code_cell('''\
-ablation_frames, patching_frames = [], []
+ablation_frames, patching_frames, bridge = [], [], None
 for step in ckpts.steps:
     model, _ = ckpts.load(step)
-    bridge = to_bridge(model)
+    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
     ab = ablation_effects(bridge, rep)
     pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == ckpts.steps[-1])
     ablation_frames += [ab.assign(step=step), localisation_table(ab, ABLATION_SOURCES).assign(step=step)]

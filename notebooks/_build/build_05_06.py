@@ -53,11 +53,12 @@ print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.st
 '''),
     new_markdown_cell("## The lens at every checkpoint (one cached forward each)"),
     new_code_cell('''\
-frames = []
+frames, bridge = [], None
 for step in ckpts.steps:
     model, _ = ckpts.load(step)
+    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
     with torch.no_grad():
-        _, cache = to_bridge(model).run_with_cache(batch.tokens, names_filter=names)
+        _, cache = bridge.run_with_cache(batch.tokens, names_filter=names)
     frames.append(logit_lens_table(cache, batch, rank1_fraction).assign(step=step))
 lens = pd.concat(frames, ignore_index=True)
 write_table(lens, cfg, "logit_lens", root)
@@ -139,11 +140,12 @@ print("composition null (mean ± std):", {f"{m} L{s}->L{l}": f"{null.mean[(m, s,
 '''),
     new_markdown_cell("## Every checkpoint (one cached forward each)"),
     new_code_cell('''\
-geo_frames, circ_frames = [], []
+geo_frames, circ_frames, bridge = [], [], None
 for step in ckpts.steps:
     model, _ = ckpts.load(step)
+    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
     with torch.no_grad():
-        _, cache = to_bridge(model).run_with_cache(tokens, names_filter=names)
+        _, cache = bridge.run_with_cache(tokens, names_filter=names)
     geo_frames.append(geometry_table(model, model0, cache, step, with_spectra=store_singular_values))
     circ_frames.append(circuits_table(model, step, null, n_pos=cfg.data.seq_len))
 geometry = pd.concat(geo_frames, ignore_index=True)
