@@ -27,7 +27,9 @@ For each preset it runs the whole grid, ``python -m initmi_utils.pipeline --pres
   - ``pipeline outside jobs``: wall minus the job seconds (pipeline start-up, notebook discovery,
     planning; with ``--workers`` > 1 the job seconds overlap and this is not meaningful).
 
-``--estimate-only`` skips the pipeline and prints the bound of each preset's default grid (every
+``--existing ROOT --wall S`` skips the pipeline too and reports on a grid already run in ROOT
+(``make reproduce`` prints ``done in S s``); the matmul is measured now, so run it on a quiet
+machine. ``--estimate-only`` skips the pipeline and prints the bound of each preset's default grid (every
 registered scheme x the preset's seeds), e.g. to state the full preset's floor. Results go to
 ``benchmarks/results/bench_presets_<preset>[_w<workers>].json``.
 """
@@ -265,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=None, help="project root to run in (default: a fresh temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temp root (its path is printed)")
     p.add_argument("--estimate-only", action="store_true", help="print the bounds; do not run the pipeline")
+    p.add_argument("--existing", type=Path, default=None, metavar="ROOT",
+                   help="do not run: analyse the pipeline run already in ROOT (e.g. after `make reproduce`)")
+    p.add_argument("--wall", type=float, default=None, help="with --existing: that run's wall time in seconds")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     a = p.parse_args(argv)
@@ -280,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         before = matmul_gflops(a.matmul_n)
         if a.estimate_only:
             res = report(preset, None, default_grid(preset), statistics.median(before), None)
+        elif a.existing is not None:
+            if a.wall is None:
+                p.error("--existing needs --wall SECONDS (the pipeline's 'done in ...s' line)")
+            res = report(preset, a.wall, finished_runs(a.existing, preset), statistics.median(before),
+                         time_breakdown(a.existing, preset), a.workers or 1)
+            res |= {"matmul_samples_gflops": before, "root": str(a.existing), "existing_run": True}
         else:
             root = a.root or Path(tempfile.mkdtemp(prefix=f"initmi-bench-{preset}-"))
             wall, rc = run_pipeline(preset, root, a.workers, extra)

@@ -324,15 +324,21 @@ class ResidualCache:
 # Runs: what was expected, what is there.
 
 
-def expected_runs(preset: str) -> pd.DataFrame:
-    """The grid a preset promises: every registered scheme x the preset's seeds."""
+def grid_seeds(preset: str, seeds: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The seeds a comparison expects: ``seeds`` when given (``pipeline --seeds``), else the preset's."""
+    return tuple(int(k) for k in seeds) if seeds else tuple(PRESET_SEEDS[preset])
+
+
+def expected_runs(preset: str, seeds: Sequence[int] | None = None) -> pd.DataFrame:
+    """The grid a preset promises: every registered scheme x its seeds (``grid_seeds``)."""
     from initmi_utils.schemes import SCHEMES
 
-    rows = [dict(run=f"{s}-s{k}", scheme=s, seed=int(k)) for s in SCHEMES for k in PRESET_SEEDS[preset]]
+    rows = [dict(run=f"{s}-s{k}", scheme=s, seed=int(k)) for s in SCHEMES for k in grid_seeds(preset, seeds)]
     return pd.DataFrame(rows, columns=["run", "scheme", "seed"])
 
 
-def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame],
+               seeds: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per expected (and any extra) run: ``status`` and a ``detail`` naming what is wrong.
 
     - ``missing``: no metrics table (never trained, or training failed before its first eval);
@@ -344,7 +350,7 @@ def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame]) -
     Only runs whose training completed enter the statistics; the others are named in the report.
     """
     horizon = PRESETS[preset].train.steps
-    exp = expected_runs(preset).assign(expected=True)
+    exp = expected_runs(preset, seeds).assign(expected=True)
     seen = pd.concat([t[["run", "scheme", "seed"]] for t in tables.values() if len(t)], ignore_index=True) \
         if any(len(t) for t in tables.values()) else pd.DataFrame(columns=["run", "scheme", "seed"])
     seen = seen.drop_duplicates("run")
@@ -394,6 +400,7 @@ class Study:
     tables: dict[str, pd.DataFrame]
     status: pd.DataFrame
     schemes: list[str] = field(default_factory=list)
+    seeds: tuple[int, ...] = ()  # the seeds the grid promises (``grid_seeds``)
 
     @property
     def horizon(self) -> int:
@@ -415,20 +422,23 @@ class Study:
         return self.status[self.status.status.isin(["ok", "partial", "failed notebook"])].run.tolist()
 
 
-def load_study(preset: str, root: str | Path) -> Study:
-    """Read every table of ``preset`` (one reader), classify the runs, keep the usable ones."""
+def load_study(preset: str, root: str | Path, seeds: Sequence[int] | None = None) -> Study:
+    """Read every table of ``preset`` (one reader), classify the runs, keep the usable ones.
+
+    ``seeds``: the seeds the grid was run with (``pipeline --seeds``); default the preset's. Runs
+    of other seeds found on disk are used too and marked as extra."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     root = Path(root)
     raw = {name: read_table(preset, name, root) for name in TABLES}
-    status = run_status(preset, root, raw)
+    status = run_status(preset, root, raw, seeds)
     usable = set(status[status.status.isin(["ok", "partial", "failed notebook"])].run)
     tables = {n: t[t.run.isin(usable)].reset_index(drop=True) for n, t in raw.items()}
     from initmi_utils.schemes import SCHEMES
 
     present = set(status.scheme)
     schemes = [s for s in SCHEMES if s in present] + sorted(present - set(SCHEMES))
-    return Study(preset, root, tables, status, schemes)
+    return Study(preset, root, tables, status, schemes, grid_seeds(preset, seeds))
 
 
 # =============================================================================================
@@ -462,7 +472,7 @@ def _missing_note(study: Study, name: str, metrics: Sequence[str] = ()) -> str |
 
 def seeds_note(study: Study, df: pd.DataFrame, what: str) -> str:
     """'n seeds per scheme' for ``df``, naming schemes with fewer than the preset promises."""
-    expected = len(PRESET_SEEDS[study.preset])
+    expected = len(study.seeds)
     have = _runs(df).groupby("scheme").seed.nunique().reindex(study.schemes, fill_value=0) if len(df) else \
         pd.Series(0, index=study.schemes)
     short = [f"{s} ({n}/{expected})" for s, n in have.items() if n < expected]
@@ -1114,10 +1124,10 @@ def overview(study: Study) -> Result:
     sec = Section("Runs and data")
     res = Result(sec, tables={"status": study.status})
     bad = study.status[study.status.status != "ok"]
-    expected = expected_runs(study.preset)
+    expected = expected_runs(study.preset, study.seeds)
     sec.text(f"Preset '{study.preset}': expected grid = {expected.scheme.nunique()} schemes × "
-             f"{len(PRESET_SEEDS[study.preset])} seeds = {len(expected)} runs (every registered scheme × the "
-             f"preset's seeds); training horizon {study.horizon} steps.")
+             f"{len(study.seeds)} seeds {list(study.seeds)} = {len(expected)} runs (every registered scheme × "
+             f"the grid's seeds); training horizon {study.horizon} steps.")
     if len(bad):
         sec.note(f"{len(bad)} run(s) are not complete and are named here, not silently averaged away: " +
                  "; ".join(f"{r.run}: {r.status} ({r.detail})" for r in bad.itertuples()), "warning")
@@ -1187,7 +1197,7 @@ def save_outputs(study: Study, results: list[Result], static: bool = True) -> di
             written[name] = plots.save_figure(fig, out_dir / f"07_{name}", static=static, self_contained=True)[0]
         for name, t in r.tables.items():
             t.to_csv(table_dir / f"{name}.csv", index=False)
-    meta = (f"preset {study.preset} · schemes {', '.join(study.schemes)} · seeds {list(PRESET_SEEDS[study.preset])}"
+    meta = (f"preset {study.preset} · schemes {', '.join(study.schemes)} · seeds {list(study.seeds)}"
             f" · {len(study.usable_runs)} usable runs")
     written["report"] = write_report(out_dir / "report.html", f"initmi · does initialisation change the mechanism? "
                                      f"({study.preset})", [r.section for r in results], meta)
@@ -1197,9 +1207,9 @@ def save_outputs(study: Study, results: list[Result], static: bool = True) -> di
 def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8, match_step: int = -1,
             loss_match_target: float = 0.0, role_threshold: float = 0.4, similar_loss_eps: float = 0.05,
             early_fraction: float = 0.1, cka_sequences: int = 128, n_boot: int = 10_000, n_perm: int = 10_000,
-            seed: int = 0, static: bool = True) -> tuple[list[Result], dict[str, Path]]:
+            seed: int = 0, static: bool = True, seeds: Sequence[int] | None = None) -> tuple[list[Result], dict[str, Path]]:
     """The whole comparison in one call (what 07_compare runs, cell by cell)."""
-    study = load_study(preset, root)
+    study = load_study(preset, root, seeds)
     r0 = overview(study)
     r1 = rq1(study, emergence_threshold, n_boot, n_perm, seed)
     r2 = rq2(study, match_step, loss_match_target, role_threshold, similar_loss_eps, cka_sequences=cka_sequences,

@@ -99,12 +99,15 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     donor_steps: int = 0  # steps of the `seeded` scheme's smaller donor; 0 = steps
     donor_lr: float = 3e-3  # the donor's lr (0 = lr): at 3e-3 the d64 donor emerges ~1300, at 1e-3 ~2600
+    stop_after_emergence: int = -1  # >= 0: end this many steps after induction emerges (donors); -1 = all steps
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.ckpt_every < 1:
             raise ConfigError("train.steps, batch_size, eval_every and ckpt_every must be >= 1.")
         if not 0 < self.emergence_threshold <= 1:
             raise ConfigError("train.emergence_threshold must lie in (0, 1].")
+        if self.stop_after_emergence < -1:
+            raise ConfigError("train.stop_after_emergence must be -1 (train every step) or >= 0.")
         if self.lr <= 0 or self.donor_lr < 0:
             raise ConfigError(f"train.lr must be > 0 and train.donor_lr >= 0 (0 = lr); got {self.lr}, {self.donor_lr}.")
 
@@ -200,12 +203,13 @@ PRESETS: dict[str, ExperimentConfig] = {
         train=TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=10, ckpt_every=20, n_log_ckpts=3),
     ),
     # Minutes per run: the default model, long enough for the fast schemes to learn induction.
-    # Both share the donor (2500 steps at lr 3e-3), so the seeded quick run is a prefix of the full one.
+    # Both share the donor (lr 3e-3, until 1000 steps after its induction emerges, at most 8000
+    # steps), so the seeded quick run is a prefix of the full one.
     "quick": ExperimentConfig(train=TrainConfig(steps=1200, eval_every=50, ckpt_every=200, n_log_ckpts=8,
-                                                donor_steps=2500)),
+                                                donor_steps=8000)),
     # The study: long enough for the slow schemes.
     "full": ExperimentConfig(train=TrainConfig(steps=6000, eval_every=50, ckpt_every=250, n_log_ckpts=12,
-                                               donor_steps=2500)),
+                                               donor_steps=8000)),
 }
 
 PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4)}

@@ -40,7 +40,7 @@ from initmi_utils.data import atomic_write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "initmi"
-RUN_PARAMS = ("init_scheme", "seed", "preset", "root")
+RUN_PARAMS = ("init_scheme", "seed", "preset", "root", "seeds")  # set by the runner, not by --param
 
 
 class PipelineError(ValueError):
@@ -243,7 +243,8 @@ def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Note
     finals = []
     all_runs = [j for c in chains for j in c]
     for nb in (n for n in notebooks if not n.per_run):
-        params = {k: v for k, v in {"preset": preset, "root": str(root), **extra}.items() if k in nb.parameters}
+        params = {k: v for k, v in {"preset": preset, "root": str(root), "seeds": list(seeds), **extra}.items()
+                  if k in nb.parameters}
         finals.append(Job(nb, root / "data" / "runs" / preset / "notebooks" / nb.path.name, params,
                           depends=[j for c in chains for j in c[-1:]] if all_runs else []))
     return chains, finals

@@ -94,14 +94,18 @@ class DonorConfig:
     also attention-only or at lr 3e-3, 2400 steps), while the 2-head, 64-wide donor emerged at
     step ~2600 (accuracy 0.94 at 3000; the 128-wide xavier student: ~1000), seed 0. At lr 3e-3
     (``train.donor_lr``) the same donor emerges at step 1300 and plateaus at accuracy 0.95 by step
-    2000, at half the cost; the presets train it for 2500 steps.
+    2000, at half the cost. But the plateau before emergence depends strongly on the seed: the
+    donors of seeds 1 and 2 were still at accuracy 0.02 at step 2500. So a donor trains until its
+    induction has emerged, plus ``steps_after_emergence`` steps (0.95 is reached ~700 steps after
+    emergence), capped by the preset's ``train.donor_steps``.
     """
 
     n_layers: int = 2  # donor blocks, embedded into the student's first n_layers blocks
     n_heads: int | None = None  # donor heads per block (slots 0 .. n_heads - 1); None = half the student's
     mlp_ratio: int = 4  # donor d_mlp = mlp_ratio * donor d_model
     scheme: str = "xavier"  # the donor's own init scheme (the fastest to emerge among the students)
-    train_steps: int | None = None  # donor optimizer steps; None = the preset's train.donor_steps (or train.steps)
+    train_steps: int | None = None  # donor optimizer steps (a cap); None = the preset's train.donor_steps (or train.steps)
+    steps_after_emergence: int = 1000  # the donor stops this many steps after its induction emerges; -1 = never early
 
     def heads(self, student: ModelConfig) -> int:
         return max(1, student.n_heads // 2) if self.n_heads is None else self.n_heads
@@ -145,15 +149,17 @@ class DonorWarning(UserWarning):
 
 def donor_experiment(cfg: ExperimentConfig, donor: DonorConfig = DONOR) -> ExperimentConfig:
     """The donor's run: the student's data and train config (its length set by
-    ``donor.train_steps``, else the preset's ``train.donor_steps``, else ``train.steps``; its
-    learning rate ``train.donor_lr``, else ``train.lr``), the donor's model and scheme, the student's init seed, and the preset
+    ``donor.train_steps``, else the preset's ``train.donor_steps``, else ``train.steps``, and ended
+    ``donor.steps_after_emergence`` steps after induction emerges; its learning rate
+    ``train.donor_lr``, else ``train.lr``), the donor's model and scheme, the student's init seed, and the preset
     ``<preset>/_donors/<donor name>`` (its own folders)."""
     from initmi_utils.schemes import check_scheme
 
     check_scheme(donor.scheme)
     preset = f"{cfg.run.preset}/_donors/{donor.name(cfg.model)}"
     steps = donor.train_steps or cfg.train.donor_steps or cfg.train.steps
-    train = dataclasses.replace(cfg.train, steps=steps, donor_steps=0, lr=cfg.train.donor_lr or cfg.train.lr)
+    train = dataclasses.replace(cfg.train, steps=steps, donor_steps=0, lr=cfg.train.donor_lr or cfg.train.lr,
+                                stop_after_emergence=donor.steps_after_emergence)
     return ExperimentConfig(model=donor.model_config(cfg.model), data=cfg.data, train=train,
                             run=RunConfig(scheme=donor.scheme, seed=cfg.run.seed, preset=preset))
 

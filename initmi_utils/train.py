@@ -13,6 +13,12 @@ Checkpoints: step 0, log-spaced steps, every ``ckpt_every`` steps, the final ste
 around emergence, every evaluation at which induction accuracy moved by >= ``ADAPTIVE_DELTA``
 since the last checkpoint.
 
+``train.stop_after_emergence >= 0`` ends a run that many steps (rounded up to an evaluation)
+after its validation induction accuracy first reaches ``train.emergence_threshold``; ``steps`` is
+then a cap. The ``seeded`` scheme's donors train this way: how long the loss plateau before
+induction lasts depends strongly on the seed, so a fixed length either wastes steps or leaves
+some seeds' donors without an induction circuit.
+
 Command line: ``python -m initmi_utils.train --preset quick --scheme xavier --seed 0 [--root DIR]``.
 """
 
@@ -104,6 +110,15 @@ def _optimizer(model: Transformer, t: TrainConfig) -> tuple[torch.optim.AdamW, l
     return opt, [n for n, _ in decay] + [n for n, _ in no_decay]
 
 
+def _stop_now(state: dict, metrics: dict[str, float], step: int, t: TrainConfig) -> bool:
+    """Record the first step at which induction emerged; whether ``stop_after_emergence`` ends the run here."""
+    if t.stop_after_emergence < 0:
+        return False
+    if state.get("emerged_at") is None and metrics["val_acc_induction"] >= t.emergence_threshold:
+        state["emerged_at"] = step
+    return state.get("emerged_at") is not None and step >= state["emerged_at"] + t.stop_after_emergence
+
+
 def _rows(step: int, metrics: dict[str, float]) -> list[dict]:
     return [dict(step=step, metric=k, value=float(v)) for k, v in metrics.items()]
 
@@ -166,18 +181,23 @@ def train(cfg: ExperimentConfig, root: str | Path = ".", progress: bool = True) 
                                 refresh=False)
                 if abs(metrics["val_acc_induction"] - state["ckpt_acc"]) >= ADAPTIVE_DELTA:
                     is_ckpt = True
-                if is_ckpt:
+                stop = _stop_now(state, metrics, done_steps, t)
+                if is_ckpt or stop:
                     state["step"], state["ckpt_acc"] = done_steps, metrics["val_acc_induction"]
                     state["checkpoints"].append(done_steps)
                     save_checkpoint(folder, model, cfg, done_steps, metrics)
                     save_resume_state(folder, opt, names, state)
                     write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
+                if stop:
+                    break
         bar.close()
 
     write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
+    last = state["checkpoints"][-1]
     atomic_write_text(done, json.dumps({"config": cfg.to_dict(), "checkpoints": state["checkpoints"],
+                                        "final_step": last, "emerged_at": state.get("emerged_at"),
                                         "final_metrics": {r["metric"]: r["value"] for r in state["rows"]
-                                                          if r["step"] == t.steps}}, indent=2, sort_keys=True))
+                                                          if r["step"] == last}}, indent=2, sort_keys=True))
     (folder / "resume.safetensors").unlink(missing_ok=True)
     return pd.read_parquet(table)
 

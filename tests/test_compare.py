@@ -269,6 +269,20 @@ def test_run_status_names_missing_incomplete_and_failed_runs(study_root: Path):
     assert "xavier-s3" not in set(study.table("metrics").run)  # incomplete runs stay out of the statistics
 
 
+def test_the_grid_seeds_set_what_is_expected_and_extra(study_root: Path):
+    # A grid run with --seeds 0,1 expects 2 seeds per scheme; runs of seeds 2-4 on disk are extra, yet used.
+    study = C.load_study(PRESET, study_root, seeds=[0, 1])
+    st = study.status.set_index("run")
+    assert study.seeds == (0, 1)
+    assert set(st[st.expected].seed) == {0, 1} and len(st[st.expected]) == len(SCHEMES) * 2
+    assert st.loc["normal-s3", "expected"] == False and "extra run" in st.loc["normal-s3", "detail"]  # noqa: E712
+    assert "normal-s3" in set(study.table("metrics").run)
+    texts = " ".join(str(b.content) for b in C.overview(study).section.blocks if b.kind == "text")
+    assert "2 seeds [0, 1]" in texts and f"{len(SCHEMES) * 2} runs" in texts
+    # Without seeds, the preset's own.
+    assert C.load_study(PRESET, study_root).seeds == tuple(PRESET_SEEDS[PRESET])
+
+
 def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     study = C.load_study(PRESET, study_root)
     r1 = C.rq1(study, 0.8, n_boot=500, n_perm=500)

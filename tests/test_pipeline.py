@@ -111,6 +111,10 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
             assert (paths.tables / "metrics.parquet").exists()
     report = tmp_path / "figures" / "smoke" / "report.html"
     assert report.exists() and "RQ1" in report.read_text(encoding="utf-8")
+    # The comparison is told which seeds the grid ran, so it can name the ones missing.
+    compare_nb = nbformat.read(tmp_path / "data" / "runs" / "smoke" / "notebooks" / "07_compare.ipynb", as_version=4)
+    injected = next(c for c in compare_nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert f"seeds = {list(PRESET_SEEDS['smoke'])}" in injected.source
     # A second run has nothing to do.
     again = pipeline("--preset", "smoke", "--workers", "2", root=tmp_path)
     assert again.returncode == 0 and " 0 ok," in again.stdout, again.stdout[-2000:]

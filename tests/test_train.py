@@ -49,6 +49,33 @@ def test_same_run_same_bytes_in_another_root(tmp_path):
     assert ckpt_bytes(tiny_cfg("orthogonal", seed=3), tmp_path / "a") == {}
 
 
+def test_stop_after_emergence_ends_the_run_that_many_steps_after_induction(tmp_path, monkeypatch):
+    # The evaluation is replaced by a script whose induction accuracy crosses the threshold at step 25:
+    # what is tested is the loop's bookkeeping (the donors' early end), not the model.
+    cfg = tiny_cfg("xavier", train={"steps": 200, "eval_every": 5, "ckpt_every": 100, "stop_after_emergence": 12})
+    real_eval, real_step = train_module.evaluate, train_module.optimizer_step
+    steps = []
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return real_step(*args, **kwargs)
+
+    def scripted(model, ds):
+        return real_eval(model, ds) | {"val_acc_induction": 0.9 if len(steps) >= 25 else 0.1}
+
+    monkeypatch.setattr(train_module, "optimizer_step", counted)
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    metrics = train(cfg, tmp_path, progress=False)
+    assert metrics.step.max() == 40  # first evaluation at or after 25 + 12
+    done = json.loads((RunPaths.of(cfg, tmp_path).checkpoints / "done.json").read_text())
+    assert done["emerged_at"] == 25 and done["final_step"] == 40 and done["checkpoints"][-1] == 40
+    assert list_checkpoints(cfg, tmp_path).steps[-1] == 40
+    # Without it, every step is trained.
+    full = tiny_cfg("xavier", train={"steps": 60, "eval_every": 5})
+    steps.clear()
+    assert train(full, tmp_path / "full", progress=False).step.max() == 60
+
+
 def test_a_finished_run_is_not_retrained(tmp_path, monkeypatch):
     cfg = tiny_cfg()
     first = train(cfg, tmp_path, progress=False)

@@ -115,6 +115,7 @@ Writes `figures/<preset>/07_*.html`, `figures/<preset>/report.html` (one offline
     parameters("""
 preset: str = "quick"  # smoke | quick | full: which preset's runs to compare
 root: str = ".."  # project root: reads root/data and root/checkpoints, writes root/figures
+seeds: list = []  # init seeds the grid ran (the pipeline passes its --seeds); empty means the preset's
 emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction has emerged"
 match_step: int = -1  # step-matched view at this step; -1 means the last step every run has analysed
 loss_match_target: float = 0.0  # loss-matched view at this val loss; 0 means automatic (largest per-scheme median final val loss)
@@ -128,7 +129,7 @@ n_perm: int = 10000  # permutations for tests (exact enumeration when there are 
     code("""
 from initmi_utils import compare
 
-study = compare.load_study(preset, root)
+study = compare.load_study(preset, root, seeds)
 overview = compare.overview(study)
 overview.section.show()
 """),
