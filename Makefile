@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PRESET ?= quick
 WORKERS ?= 2
+# Comma-separated init seeds; empty = the preset's (quick: 0; full: 0-4).
+SEEDS ?=
 
 .PHONY: venv test test-fast reproduce lab clean-artefacts
 
@@ -30,7 +32,7 @@ test-fast: $(INSTALLED)
 
 # Train and analyse every scheme of the preset, then compare them (figures/$(PRESET)/report.html).
 reproduce: $(INSTALLED)
-	$(BIN)/python -m initmi_utils.pipeline --preset $(PRESET) --workers $(WORKERS)
+	$(BIN)/python -m initmi_utils.pipeline --preset $(PRESET) --workers $(WORKERS) $(if $(SEEDS),--seeds $(SEEDS))
 
 lab: $(INSTALLED)
 	$(BIN)/jupyter lab notebooks/

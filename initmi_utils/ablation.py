@@ -22,6 +22,7 @@ activations from another run); zero/mean ablation replaces them by constants.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 
@@ -154,6 +155,18 @@ def position_labels(rep_len: int, offsets) -> list[str]:
     return [f"q{int(o):+d} {names[int(o)]}" if int(o) in names else f"q{int(o):+d}" for o in offsets]
 
 
+@contextlib.contextmanager
+def _without_progress_bars(module):
+    """``transformer_lens.patching`` wraps its loops in ``tqdm`` with no switch to turn it off; a
+    notebook patching every checkpoint would print two bars per checkpoint into its output."""
+    original = module.tqdm
+    module.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
 def patching_effects(bridge, pairs: PatchPairs, rep_len: int, positions: bool = True, min_gap: float = 0.1) -> pd.DataFrame:
     """Activation patching clean -> corrupted with ``transformer_lens.patching``.
 
@@ -177,7 +190,7 @@ def patching_effects(bridge, pairs: PatchPairs, rep_len: int, positions: bool = 
 
     metric = partial(query_logit_diff, pairs=pairs)
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), _without_progress_bars(tl_patching):
         clean_logits, clean_cache = bridge.run_with_cache(pairs.clean)
         clean = metric(clean_logits).mean().item()
         heads = tl_patching.get_act_patch_attn_head_out_all_pos(

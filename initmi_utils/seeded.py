@@ -340,9 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    dcfg = donor_experiment(cfg)
     final = metrics[metrics.step == metrics.step.max()].set_index("metric").value
-    print(f"donor {donor_experiment(cfg).run.name}: step {int(metrics.step.max())}, "
-          f"val_acc_induction {final.get('val_acc_induction', float('nan')):.3f}")
+    acc = final.get("val_acc_induction", float("nan"))
+    emerged = acc >= dcfg.train.emergence_threshold
+    print(f"donor {dcfg.run.name}: step {int(metrics.step.max())}, val_acc_induction {acc:.3f}"
+          + ("" if emerged else f" < {dcfg.train.emergence_threshold}: no induction circuit yet, so the seeded "
+                                f"run of seed {a.seed} starts from a partial one (DonorWarning)"))
     return 0
 
 

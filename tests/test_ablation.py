@@ -115,14 +115,16 @@ def test_localisation_index_limits():
     assert math.isnan(localisation(torch.zeros(2, 4))["localisation_top1_share"])
 
 
-def test_untrained_model_gives_nan_not_noise():
+def test_untrained_model_gives_nan_not_noise(capsys):
     """A model that cannot tell clean from corrupted has no recovery scale."""
     model, _ = induction_model()
     with torch.no_grad():
         model.unembed.W_U.zero_()  # every logit 0: clean == corrupted
     ds = handbuilt_dataset(handbuilt_experiment(n_diagnostic=4))
-    df = patching_effects(to_bridge(model), ds.patch, ds.d.rep_len, positions=False)
+    df = patching_effects(to_bridge(model), ds.patch, ds.d.rep_len, positions=True)
     assert df[df.metric == "patch_head_normalised"].value.isna().all()
+    out = capsys.readouterr()
+    assert "it/s" not in out.err + out.out, "transformer_lens.patching's progress bars reach the notebook"
 
 
 def test_unknown_ablation_kind_raises():
