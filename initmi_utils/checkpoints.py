@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -87,6 +87,19 @@ class RunCheckpoints:
 
     def load(self, step: int) -> tuple[Transformer, dict[str, Any]]:
         return load_model(self.path(step))
+
+    def bridges(self, steps: Iterable[int] | None = None) -> Iterator[tuple[int, Transformer, Any]]:
+        """``(step, model, bridge)`` for each of ``steps`` (default: every checkpoint), ``bridge``
+        being the model's ``TransformerBridge`` view. One bridge is refilled per step
+        (``to_bridge(model, reuse=...)``): building one costs more than the analyses of a small
+        checkpoint. The bridge of a step is therefore overwritten by the next step's weights."""
+        from initmi_utils.model import to_bridge
+
+        bridge = None
+        for step in self.steps if steps is None else steps:
+            model, _ = self.load(step)
+            bridge = to_bridge(model, reuse=bridge)
+            yield step, model, bridge
 
 
 def list_checkpoints(cfg: ExperimentConfig, root: str | Path = ".", require_done: bool = True) -> RunCheckpoints:

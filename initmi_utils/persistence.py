@@ -148,11 +148,8 @@ def persistence_table(cfg: ExperimentConfig, root: str | Path = ".", donor: Dono
     missing = sorted(set(steps or []) - set(ckpts.steps))
     if missing:
         raise ValueError(f"run {cfg.run.name} has no checkpoints at steps {missing}; it has {list(ckpts.steps)}.")
-    frames, bridge = [], None
-    for step in steps or ckpts.steps:
-        model, _ = ckpts.load(step)
-        bridge = to_bridge(model, reuse=bridge)
-        frames.append(persistence_scores(model, donor_acts, batch, bridge).assign(step=step))
+    frames = [persistence_scores(model, donor_acts, batch, bridge).assign(step=step)
+              for step, model, bridge in ckpts.bridges(steps or None)]
     df = pd.concat(frames, ignore_index=True)
     df["donor_head"] = df["donor_head"].fillna(-1).astype(int)
     return df[["step", "layer", "head", "donor_head", "metric", "value"]]

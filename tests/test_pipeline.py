@@ -15,6 +15,15 @@ from initmi_utils.schemes import SCHEMES
 REPO = Path(__file__).resolve().parent.parent
 
 
+def corrupt_data(cfg, root):
+    """Write the run's data set, then break its manifest hash: loading it must fail."""
+    from initmi_utils.config import data_dir
+    from initmi_utils.data import load_dataset
+
+    load_dataset(cfg, root)
+    (data_dir(cfg, root) / "manifest.json").write_text(json.dumps({"sha256": "0" * 64}))
+
+
 def pipeline(*args, root):
     return subprocess.run([sys.executable, "-m", "initmi_utils.pipeline", *args, "--root", str(root)],
                           capture_output=True, text=True, cwd=REPO)
@@ -62,11 +71,7 @@ def test_a_failing_notebook_is_reported_and_the_other_runs_go_on(tmp_path):
     # A run whose training cannot start (its data file is corrupted) fails; the other run finishes.
     root = tmp_path / "root"
     bad = experiment("smoke", "normal", 0)
-    from initmi_utils.data import Dataset, load_dataset
-    from initmi_utils.config import data_dir
-
-    load_dataset(bad, root)
-    (data_dir(bad, root) / "manifest.json").write_text(json.dumps({"sha256": "0" * 64}))
+    corrupt_data(bad, root)
     out = pipeline("--preset", "smoke", "--schemes", "normal", "--notebooks", "01", root=root)
     assert out.returncode == 1
     executed = RunPaths.of(bad, root).notebooks / "01_train.ipynb"
@@ -84,12 +89,7 @@ def test_donors_are_scheduled_only_for_work_that_reads_them():
 
 def test_a_failing_donor_is_reported_with_its_seed(tmp_path):
     root = tmp_path / "root"
-    cfg = experiment("smoke", "seeded", 0)
-    from initmi_utils.config import data_dir
-    from initmi_utils.data import load_dataset
-
-    load_dataset(cfg, root)
-    (data_dir(cfg, root) / "manifest.json").write_text(json.dumps({"sha256": "0" * 64}))
+    corrupt_data(experiment("smoke", "seeded", 0), root)
     out = pipeline("--preset", "smoke", "--schemes", "seeded", "--notebooks", "01", root=root)
     assert out.returncode == 1
     assert "FAILED: donor of seed 0" in out.stderr and "manifest" in out.stderr, out.stderr[-2000:]

@@ -76,6 +76,22 @@ def test_stop_after_emergence_ends_the_run_that_many_steps_after_induction(tmp_p
     assert train(full, tmp_path / "full", progress=False).step.max() == 60
 
 
+def test_checkpoint_bridges_compute_each_checkpoints_model(tmp_path):
+    cfg = tiny_cfg("xavier", train={"steps": 30})
+    train(cfg, tmp_path, progress=False)
+    ckpts = list_checkpoints(cfg, tmp_path)
+    tokens = torch.randint(0, cfg.model.d_vocab, (3, cfg.data.seq_len))
+    seen = []
+    with torch.no_grad():
+        for step, model, bridge in ckpts.bridges():
+            stored, _ = ckpts.load(step)
+            torch.testing.assert_close(bridge(tokens), stored(tokens), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(tokens), stored(tokens))
+            seen.append((step, id(bridge)))
+    assert [s for s, _ in seen] == list(ckpts.steps) and len({b for _, b in seen}) == 1  # one bridge, refilled
+    assert [s for s, _, _ in ckpts.bridges([ckpts.steps[-1]])] == [ckpts.steps[-1]]
+
+
 def test_a_finished_run_is_not_retrained(tmp_path, monkeypatch):
     cfg = tiny_cfg()
     first = train(cfg, tmp_path, progress=False)

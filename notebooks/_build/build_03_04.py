@@ -37,7 +37,6 @@ from initmi_utils.attention import METRICS, attention_view, head_scores, pattern
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
-from initmi_utils.model import to_bridge
 from initmi_utils.plots import save_figure
 from initmi_utils.tables import write_table
 
@@ -48,10 +47,8 @@ tokens = load_dataset(cfg, root).rep.tokens[:n_examples]
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, {len(tokens)} sequences of {tokens.shape[1]} tokens")'''),
     new_markdown_cell("## Scores at every checkpoint (one cached forward each)"),
     new_code_cell('''\
-frames, bridge = [], None
-for step in ckpts.steps:
-    model, _ = ckpts.load(step)
-    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
+frames = []
+for step, model, bridge in ckpts.bridges():
     with torch.no_grad():
         _, cache = bridge.run_with_cache(tokens, names_filter=pattern_names(cfg.model.n_layers))
     pattern = patterns_from_cache(cache, cfg.model.n_layers)
@@ -139,7 +136,6 @@ from initmi_utils.attention import scores_grid_figure, scores_over_training_figu
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
-from initmi_utils.model import to_bridge
 from initmi_utils.plots import line_figure, save_figure
 from initmi_utils.tables import write_table
 
@@ -153,10 +149,8 @@ PATCHING_SOURCES = ("patch_head_normalised",)
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")'''),
     new_markdown_cell("## Ablations and patching at every checkpoint"),
     new_code_cell('''\
-ablation_frames, patching_frames, bridge = [], [], None
-for step in ckpts.steps:
-    model, _ = ckpts.load(step)
-    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
+ablation_frames, patching_frames = [], []
+for step, model, bridge in ckpts.bridges():
     ab = ablation_effects(bridge, rep)
     pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == ckpts.steps[-1])
     ablation_frames += [ab.assign(step=step), localisation_table(ab, ABLATION_SOURCES).assign(step=step)]

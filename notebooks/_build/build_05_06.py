@@ -39,7 +39,6 @@ from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
 from initmi_utils.logit_lens import hook_names, lens_batch, logit_lens_table
-from initmi_utils.model import to_bridge
 from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.tables import write_table
 
@@ -53,10 +52,8 @@ print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.st
 '''),
     new_markdown_cell("## The lens at every checkpoint (one cached forward each)"),
     new_code_cell('''\
-frames, bridge = [], None
-for step in ckpts.steps:
-    model, _ = ckpts.load(step)
-    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
+frames = []
+for step, model, bridge in ckpts.bridges():
     with torch.no_grad():
         _, cache = bridge.run_with_cache(batch.tokens, names_filter=names)
     frames.append(logit_lens_table(cache, batch, rank1_fraction).assign(step=step))
@@ -123,7 +120,6 @@ from initmi_utils.circuits import circuits_table, composition_null
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
 from initmi_utils.geometry import geometry_table, hook_names
-from initmi_utils.model import to_bridge
 from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.tables import write_table
 
@@ -140,10 +136,8 @@ print("composition null (mean ± std):", {f"{m} L{s}->L{l}": f"{null.mean[(m, s,
 '''),
     new_markdown_cell("## Every checkpoint (one cached forward each)"),
     new_code_cell('''\
-geo_frames, circ_frames, bridge = [], [], None
-for step in ckpts.steps:
-    model, _ = ckpts.load(step)
-    bridge = to_bridge(model, reuse=bridge)  # one bridge, refilled per checkpoint
+geo_frames, circ_frames = [], []
+for step, model, bridge in ckpts.bridges():
     with torch.no_grad():
         _, cache = bridge.run_with_cache(tokens, names_filter=names)
     geo_frames.append(geometry_table(model, model0, cache, step, with_spectra=store_singular_values))
