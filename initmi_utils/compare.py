@@ -470,6 +470,18 @@ def _missing_note(study: Study, name: str, metrics: Sequence[str] = ()) -> str |
     return None
 
 
+def _section_table(study: Study, sec: Section, name: str, metrics: Sequence[str], what: str) -> pd.DataFrame:
+    """A section's main table; the section gets a warning naming what is absent and, when the
+    table has rows, the seeds per scheme behind it."""
+    note = _missing_note(study, name, metrics)
+    if note:
+        sec.note(note, "warning")
+    table = study.table(name)
+    if not table.empty:
+        sec.text(seeds_note(study, table, what))
+    return table
+
+
 def seeds_note(study: Study, df: pd.DataFrame, what: str) -> str:
     """'n seeds per scheme' for ``df``, naming schemes with fewer than the preset promises."""
     expected = len(study.seeds)
@@ -544,13 +556,9 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int = 10_000, n_
         seed: int = 0) -> Result:
     sec = Section("RQ1 · Training and emergence")
     res = Result(sec)
-    metrics = study.table("metrics")
-    note = _missing_note(study, "metrics", ["val_loss", "val_acc_induction"])
-    if note:
-        sec.note(note, "warning")
+    metrics = _section_table(study, sec, "metrics", ["val_loss", "val_acc_induction"], "Runs with completed training")
     if metrics.empty:
         return res
-    sec.text(seeds_note(study, metrics, "Runs with completed training"))
 
     present = [m for m in CURVE_METRICS if (metrics.metric == m).any()]
     curves = band_summary(metrics[metrics.metric.isin(present)], extra=["metric"], n_boot=min(n_boot, 2000), seed=seed)
@@ -1032,13 +1040,9 @@ def rq3(study: Study, em: pd.DataFrame | None, early_fraction: float = 0.1, n_bo
         n_perm: int = 10_000, seed: int = 0) -> Result:
     sec = Section("RQ3 · Geometry")
     res = Result(sec)
-    note = _missing_note(study, "geometry", ["resid_norm", "effective_rank", "drift"])
-    if note:
-        sec.note(note, "warning")
-    geo = study.table("geometry")
+    geo = _section_table(study, sec, "geometry", ["resid_norm", "effective_rank", "drift"], "Runs with a geometry table")
     if geo.empty:
         return res
-    sec.text(seeds_note(study, geo, "Runs with a geometry table"))
     feats = feature_table(geo[(geo.step >= 0) & geo.metric.isin(GEOMETRY_METRICS)], ["matrix"], GEOMETRY_LAYERED)
     res.tables["geometry_features"] = feats
     for metric, g in feats.groupby("metric", sort=False):
@@ -1090,13 +1094,9 @@ def persistence(study: Study, n_boot: int = 2_000, seed: int = 0) -> Result:
 
     sec = Section("Persistence · do the seeded head slots keep the donor's role?")
     res = Result(sec)
-    note = _missing_note(study, "persistence", PERSISTENCE_METRICS)
-    if note:
-        sec.note(note, "warning")
-    table = study.table("persistence")
+    table = _section_table(study, sec, "persistence", PERSISTENCE_METRICS, "Runs with a persistence table")
     if table.empty:
         return res
-    sec.text(seeds_note(study, table, "Runs with a persistence table"))
     slots = (seeded_slots(table)
              .groupby(["scheme", "seed", "run", "step", "layer", "metric"], as_index=False).value.mean()
              .assign(panel=lambda d: d.metric + ", layer " + d.layer.astype(str)))
