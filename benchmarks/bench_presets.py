@@ -13,6 +13,11 @@ For each preset it runs the whole grid, ``python -m initmi_utils.pipeline --pres
   of that many FLOPs can finish faster on this machine;
 - ``ratio = wall / bound`` (issue 5's target: <= 1.3) and the preset's time goal (smoke <= 2 min,
   quick <= 10 min);
+- ``step bound``: the runs' training steps x our measured step time (``bench_train``'s ``ours`` at
+  each run's model and batch, 1 thread as in a pipeline worker, timed in this process) / workers:
+  what the grid would take if it did nothing but optimizer steps. ``wall / step bound`` is the
+  pipeline's own overhead (evaluations, donors, analyses, notebooks, scheduling); ``wall / bound``
+  also contains how far one step is from the matmul peak (``peak_fraction`` of ``bench_train``);
 - where the time goes, from the executed notebooks' papermill metadata (``duration`` per cell and
   per notebook) and the pipeline's stamps (``seconds`` per notebook job, which includes getting a
   kernel and papermill's own reading/writing):
@@ -57,7 +62,7 @@ from initmi_utils.model import flops_per_token
 from initmi_utils.train import checkpoint_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import RESULTS, machine  # noqa: E402
+from bench_train import RESULTS, fixed_batch, machine, make_ours  # noqa: E402
 
 GOALS_S = {"smoke": 120.0, "quick": 600.0}  # issue 5; full: whatever the science needs within 1.3x
 TARGET_RATIO = 1.3
@@ -123,6 +128,35 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> list[float]:
         torch.mm(a, b, out=out)
         rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return rates
+
+
+def step_seconds(cfg: ExperimentConfig, steps: int = 8, repeats: int = 5, threads: int = 1) -> float:
+    """Median seconds of one of our training steps (``bench_train``'s ``ours``) at ``cfg``'s model and batch."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run = make_ours(cfg, fixed_batch(cfg))
+        run(2)  # warm-up
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(steps)
+            samples.append((time.perf_counter() - t0) / steps)
+    finally:
+        torch.set_num_threads(old)
+    return statistics.median(samples)
+
+
+def step_bound(runs: list[ExperimentConfig], workers: int) -> tuple[float, dict[str, float]]:
+    """Seconds the runs' optimizer steps alone take at our measured step speed, spread over ``workers``."""
+    speeds: dict[str, float] = {}
+    total = 0.0
+    for cfg in runs:
+        key = json.dumps({"model": cfg.to_dict()["model"], "batch": cfg.train.batch_size}, sort_keys=True)
+        if key not in speeds:
+            speeds[key] = step_seconds(cfg)
+        total += cfg.train.steps * speeds[key]
+    return total / max(1, workers), speeds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +265,12 @@ def report(preset: str, wall: float | None, runs: list[ExperimentConfig], gflops
     print(f"   wall  {wall:8.1f} s   bound {bound:8.1f} s   ratio {ratio:6.2f}  (target <= {TARGET_RATIO})"
           + (f"   goal {goal:.0f} s: {'met' if wall <= goal else 'NOT met'}" if goal else ""))
     out |= {"wall_s": wall, "ratio": ratio, "goal_s": goal}
+    if runs:
+        sb, speeds = step_bound(runs, workers)
+        print(f"   step bound {sb:8.1f} s  (training steps alone at our measured step speed, 1 thread, "
+              f"{workers} worker(s); {', '.join(f'{1e3 * v:.0f} ms/step' for v in speeds.values())})   "
+              f"wall / step bound {wall / sb:5.2f}")
+        out |= {"step_bound_s": sb, "step_s": list(speeds.values()), "ratio_vs_step_bound": wall / sb}
     if breakdown:
         b = breakdown
         rows = [(k, v) for k, v in sorted(b["cells_s"].items(), key=lambda kv: -kv[1])]
