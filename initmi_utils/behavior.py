@@ -1,4 +1,4 @@
-"""Behavioural metrics: loss, induction accuracy, logit difference, emergence.
+"""Behavioural metrics: loss, induction accuracy (also by copy distance), logit difference, emergence.
 
 Plain functions of logits (or patterns) and a ``data.Batch``. We compute these ourselves because
 they are specific to this task's target mask and distractors; TransformerLens has no notion of
@@ -41,6 +41,80 @@ def next_token_stats(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -
         "acc_induction": (logits.argmax(-1) == tgt)[mask].float().mean().item() if mask.any() else nan,
         "logit_diff": (correct - distractor)[mask].mean().item() if mask.any() else nan,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy by copy distance. A model can copy without a classic induction head: the long-offset
+# recall circuit (``offsets``) reads the earlier copy through a layer-0 head that looks a fixed
+# ~12-14 positions back, so it cannot copy when the two copies are closer than that. Induction
+# accuracy split by the distance between the copies shows this without looking at any head.
+
+SHORT_COPY = 12  # copies fewer than this many positions apart are "short" (the recall circuit fails there)
+COPY_DISTANCE_BINS = (0, 12, 14, 16, 24, 32)  # lower edges of the bins of ``accuracy_by_copy_distance``
+
+
+def copy_distance(batch: Batch) -> Int[Tensor, "batch"]:
+    """Distance between the two copies of each sequence's segment (second start - first start).
+
+    From the ``Batch`` fields only: the second copy starts one position before its first target
+    and has one more token than it has targets; the distance is the smallest ``d`` at which every
+    token of the second copy equals the token ``d`` positions earlier (segment tokens are
+    distinct, so no ``d`` shorter than the segment matches). ``-1`` for a sequence without
+    targets. On BOS + A + A it is ``rep_len``.
+    """
+    tokens, target = batch.tokens, batch.target.bool()
+    n, S = tokens.shape
+    pos = torch.arange(S)
+    has = target.any(-1)
+    p2 = torch.where(has, target.float().argmax(-1) - 1, torch.full((n,), S))  # second copy's start
+    second = target.clone()
+    second[torch.arange(n)[has], p2[has]] = True  # the second copy: its start plus its targets
+    d = torch.arange(1, S)  # candidate distances
+    earlier = pos[None, :] - d[:, None]  # [d, pos]
+    same = tokens[:, None, :] == tokens[:, earlier.clamp(min=0)]  # [batch d pos]
+    same &= (earlier >= 1)[None]  # never match BOS or before it
+    match = (same | ~second[:, None, :]).all(-1)  # [batch d]
+    first = torch.where(match.any(-1), match.float().argmax(-1) + 1, torch.full((n,), -1))
+    return torch.where(has, first, torch.full((n,), -1))
+
+
+def _induction_hits(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> tuple[Tensor, Tensor]:
+    """(correct, mask), both ``[batch, pos - 1]``: argmax == next token, at induction targets."""
+    return logits[:, :-1].argmax(-1) == batch.tokens[:, 1:], batch.target[:, 1:].bool()
+
+
+def accuracy_by_copy_distance(
+    logits: Float[Tensor, "batch pos d_vocab"], batch: Batch, bins: tuple[int, ...] = COPY_DISTANCE_BINS,
+    distance: Int[Tensor, "batch"] | None = None,
+) -> pd.DataFrame:
+    """Induction accuracy per bin of ``copy_distance``: ``copy_distance`` (the bin's lower edge),
+    ``copy_distance_high`` (exclusive upper edge, -1 for the last, open bin), ``n_targets``,
+    ``accuracy`` (nan for an empty bin). ``distance``: ``copy_distance(batch)`` if already computed."""
+    correct, mask = _induction_hits(logits, batch)
+    dist = (copy_distance(batch) if distance is None else distance)[:, None].expand_as(mask)
+    rows = []
+    for lo, hi in zip(bins, list(bins[1:]) + [None]):
+        sel = mask & (dist >= lo) & ((dist < hi) if hi is not None else True)
+        k = int(sel.sum())
+        rows.append(dict(copy_distance=lo, copy_distance_high=-1 if hi is None else hi, n_targets=k,
+                         accuracy=correct[sel].float().mean().item() if k else math.nan))
+    return pd.DataFrame(rows)
+
+
+def copy_distance_stats(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch, short: int = SHORT_COPY,
+                        distance: Int[Tensor, "batch"] | None = None) -> dict[str, float]:
+    """``acc_induction_short`` / ``acc_induction_long``: induction accuracy on targets whose copies
+    are < ``short`` / >= ``short`` positions apart (nan when there is none), and
+    ``frac_targets_short``, the share of targets that are short. A classic induction head copies
+    at both; the long-offset recall circuit only at long distances. ``distance``: as in
+    ``accuracy_by_copy_distance``."""
+    correct, mask = _induction_hits(logits, batch)
+    dist = (copy_distance(batch) if distance is None else distance)[:, None].expand_as(mask)
+    short_m, long_m = mask & (dist < short), mask & (dist >= short)
+    acc = lambda m: correct[m].float().mean().item() if m.any() else math.nan  # noqa: E731
+    n = int(mask.sum())
+    return {"acc_induction_short": acc(short_m), "acc_induction_long": acc(long_m),
+            "frac_targets_short": int(short_m.sum()) / n if n else math.nan}
 
 
 def induction_scores(patterns: list[Float[Tensor, "batch head q k"]], rep_len: int) -> Float[Tensor, "layer head"]:
@@ -154,18 +228,30 @@ def behavior_table(
     """Every behavioural number of one checkpoint, long format (``step, metric, value, position``).
 
     ``val_*`` / ``rep_*``: ``next_token_stats`` on the validation and BOS + A + A sets;
-    ``icl_score`` (validation); ``rep_first_half``, ``rep_repeated_half``, ``rep_half_gap``; and
-    ``val_loss_at_position`` per token index (``position`` column; -1 on the other rows).
+    ``val_acc_induction_short``, ``val_acc_induction_long``, ``val_frac_targets_short``
+    (``copy_distance_stats``); ``icl_score`` (validation); ``rep_first_half``,
+    ``rep_repeated_half``, ``rep_half_gap``; ``val_loss_at_position`` per token index
+    (``position`` column); and ``val_acc_by_copy_distance`` / ``val_n_targets_by_copy_distance``
+    per bin (``copy_distance`` column: the bin's lower edge). ``position`` and ``copy_distance``
+    are -1 on the rows they do not apply to.
     """
     rows = [dict(metric=f"val_{k}", value=v) for k, v in next_token_stats(val_logits, val).items()]
     rows += [dict(metric=f"rep_{k}", value=v) for k, v in next_token_stats(rep_logits, rep).items()]
+    distance = copy_distance(val)
+    rows += [dict(metric=f"val_{k}", value=v) for k, v in copy_distance_stats(val_logits, val, distance=distance).items()]
     rows.append(dict(metric="icl_score", value=icl_score(val_logits, val.tokens)))
     rows += [dict(metric=f"rep_{k}", value=v) for k, v in half_losses(rep_logits, rep.tokens, rep_len).items()]
     df = pd.DataFrame(rows).assign(position=-1)
     per_pos = loss_by_position(val_logits, val.tokens)
     pos = pd.DataFrame({"metric": "val_loss_at_position", "value": per_pos[1:].tolist(),
                         "position": range(1, len(per_pos))})
-    return pd.concat([df, pos], ignore_index=True).assign(step=int(step))[["step", "metric", "value", "position"]]
+    by_d = accuracy_by_copy_distance(val_logits, val, distance=distance)
+    dist = pd.concat([by_d.assign(metric="val_acc_by_copy_distance", value=by_d.accuracy),
+                      by_d.assign(metric="val_n_targets_by_copy_distance", value=by_d.n_targets.astype(float))])
+    out = pd.concat([df, pos, dist[["metric", "value", "copy_distance"]]], ignore_index=True).assign(step=int(step))
+    out["position"] = out.position.fillna(-1).astype(int)
+    out["copy_distance"] = out.copy_distance.fillna(-1).astype(int)
+    return out[["step", "metric", "value", "position", "copy_distance"]]
 
 
 def emergence_rows(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = "val_acc_induction") -> pd.DataFrame:
@@ -176,4 +262,5 @@ def emergence_rows(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = 
     """
     g = metrics[metrics.metric == metric].sort_values("step")
     step = emergence_step(g.step.tolist(), g.value.tolist(), threshold)
-    return pd.DataFrame([dict(step=-1, metric="emergence_step", value=step, position=-1, threshold=float(threshold))])
+    return pd.DataFrame([dict(step=-1, metric="emergence_step", value=step, position=-1, copy_distance=-1,
+                                       threshold=float(threshold))])

@@ -26,6 +26,11 @@ Heads are unordered within a layer: run A's head 2 has no relation to run B's he
 cross-run comparison of heads is therefore invariant to permuting heads within a layer
 (profiles sorted within layer, roles compared as counts per layer).
 
+RQ2 opens with the copying mechanism of every run at the matched checkpoint
+(``offsets.mechanism_labels``: classic induction, long-offset recall or none) and induction accuracy
+on short vs long copies (``behavior.copy_distance_stats``): two runs can reach the same loss by
+different circuits, and these two numbers tell which.
+
 RQ2's residual-stream similarity is linear CKA (``geometry.linear_cka``) computed here:
 TransformerLens has no representation-similarity measure, and linear CKA is five lines.
 """
@@ -54,7 +59,7 @@ from initmi_utils.report import Section, write_report
 from initmi_utils.tables import COLUMNS, read_table
 
 TABLES = ("metrics", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits",
-          "persistence")
+          "persistence", "offsets")
 ANALYSIS_TABLES = TABLES[1:]  # written by notebooks 02-06 (metrics by 01)
 
 
@@ -892,10 +897,97 @@ def _scalar_tests(scalars: pd.DataFrame, schemes: Sequence[str], n_boot: int, n_
     return summ, tests[["feature"] + [c for c in tests.columns if c != "feature"]]
 
 
+MECHANISM_SENTENCE = (
+    "Two copying mechanisms reach similar losses: classic induction, where a layer-0 previous-token head lets a "
+    "layer-1 induction head attend to the token right after the earlier copy of the current token and copy it, "
+    "and long-offset recall, where a layer-0 head looking ~12-14 positions back lets a layer-1 head attend ~12-14 "
+    "positions after the earlier copy, read the tokens around it and keep the one that is not recent, which "
+    "fails when the two copies are fewer than ~12 positions apart.")
+COPY_DISTANCE_METRICS = {"val_acc_induction_short": "short copies (< 12 apart)",
+                         "val_acc_induction_long": "long copies (≥ 12 apart)"}
+
+
+def mechanism_counts(labels: pd.DataFrame, schemes: Sequence[str]) -> pd.DataFrame:
+    """Per scheme: n runs and, for every label of ``offsets.MECHANISMS``, runs with it (k/n)."""
+    from initmi_utils.offsets import MECHANISMS
+
+    rows = []
+    for s in schemes:
+        g = labels[labels.scheme == s]
+        if g.empty:
+            continue
+        n = g.run.nunique()
+        rows.append(dict(scheme=s, n=n, **{m: f"{(g.mechanism == m).sum()}/{n}" for m in
+                                            ("classic_induction", "long_offset_recall", "none") if m in MECHANISMS}))
+    return pd.DataFrame(rows, columns=["scheme", "n", "classic_induction", "long_offset_recall", "none"])
+
+
+def copy_distance_accuracy(behavior: pd.DataFrame) -> pd.DataFrame:
+    """Per run: induction accuracy on short and long copies and their gap (long − short), long
+    format (run, scheme, seed, step, metric, value); the gap is ~0 for classic induction and large
+    for long-offset recall."""
+    b = behavior[behavior.metric.isin(list(COPY_DISTANCE_METRICS))]
+    cols = ["run", "scheme", "seed", "step", "metric", "value"]
+    if b.empty:
+        return pd.DataFrame(columns=cols)
+    b = b.groupby(cols[:-1], as_index=False).value.mean()
+    wide = b.pivot_table(index=cols[:4], columns="metric", values="value").reset_index()
+    gap = wide.assign(metric="val_acc_induction_long_minus_short",
+                      value=wide.get("val_acc_induction_long", np.nan) - wide.get("val_acc_induction_short", np.nan))
+    return pd.concat([b, gap[cols]], ignore_index=True)[cols]
+
+
+def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: str, matched: pd.DataFrame,
+                    n_boot: int, seed: int) -> None:
+    """The copying mechanism of every run at its matched checkpoint (``offsets.mechanism_labels``),
+    counts per scheme, and induction accuracy on short vs long copies per scheme (mean [95% CI])."""
+    from initmi_utils.offsets import mechanism_labels
+
+    labels = mechanism_labels(at_matched(study.table("offsets"), matched))
+    acc = copy_distance_accuracy(at_matched(study.table("behavior"), matched))
+    if labels.empty and acc.empty:
+        return
+    sec.text(MECHANISM_SENTENCE)
+    if len(labels):
+        per_run = labels.assign(
+            head=[f"L{r.layer}H{r.head}" + (f" via L{r.source_layer}H{r.source_head}" if r.source_head >= 0 else "")
+                  if r.layer >= 0 else "—" for r in labels.itertuples()])
+        if len(acc):
+            wide = acc.pivot_table(index="run", columns="metric", values="value").reset_index()
+            per_run = per_run.merge(wide, on="run", how="left")
+        shown = ["run", "scheme", "seed", "step", "mechanism", "head", "score"] + \
+            [c for c in ("val_acc_induction_short", "val_acc_induction_long") if c in per_run.columns]
+        res.tables[f"{key}_mechanism_labels"] = per_run[shown]
+        res.tables[f"{key}_mechanism_counts"] = mechanism_counts(labels, study.schemes)
+        sec.table(res.tables[f"{key}_mechanism_counts"],
+                  f"{label}: copying mechanism per scheme, runs with each label (k/n; offsets.classify_mechanism: "
+                  f"classic_induction = a layer-1 head with ≥ 0.3 attention on +1 from the earlier copy; "
+                  f"long_offset_recall = else a layer-1 head with < 0.1 within ±3 of the copy and ≥ 0.25 on offsets "
+                  f"0/+1 when rolled back through a layer-0 head).")
+        sec.table(res.tables[f"{key}_mechanism_labels"],
+                  f"{label}: mechanism per run, the deciding head and its score (attention mass), with the run's "
+                  f"induction accuracy on short and long copies.")
+    if len(acc):
+        summ = summarise(acc, ["metric", "scheme"], n_boot=n_boot, seed=seed)
+        res.tables[f"{key}_copy_distance_accuracy"] = summ
+        names = {**COPY_DISTANCE_METRICS, "val_acc_induction_long_minus_short": "long − short"}
+        wide = summ.assign(what=summ.metric.map(names),
+                           cell=[format_ci(*r) + f" (n={n})" for r, n in
+                                 zip(summ[["mean", "ci_low", "ci_high"]].values, summ.n)]) \
+            .pivot_table(index="scheme", columns="what", values="cell", aggfunc="first")
+        wide = wide.reindex([s for s in study.schemes if s in wide.index])
+        wide = wide[[c for c in names.values() if c in wide.columns]].reset_index()
+        wide.columns.name = None
+        sec.table(wide, f"{label}: validation induction accuracy by distance between the two copies, mean [95% "
+                        f"bootstrap CI] over seeds (n). Long-offset recall fails on short copies; classic induction "
+                        f"does not.")
+
+
 def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, matched: pd.DataFrame, role_threshold: float,
               eps: float, ablation_metric: str, cka_cache: ResidualCache | None, n_boot: int, n_perm: int,
               seed: int) -> None:
     res.tables[f"{key}_matched"] = matched
+    _mechanism_view(study, sec, res, key, label, matched, n_boot, seed)
     att = at_matched(study.table("attention"), matched)
     roles = head_roles(att, role_threshold)
     res.tables[f"{key}_roles"] = roles
@@ -956,7 +1048,9 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
     res = Result(sec)
     for name, mets in (("attention", list(ROLE_METRICS.values())), ("ablation", [ablation_metric]),
                        ("patching", ["localisation_top1_share"]), ("logit_lens", ["first_rank1_layer"]),
-                       ("circuits", ["ov_copying_score", "k_composition_z"])):
+                       ("circuits", ["ov_copying_score", "k_composition_z"]),
+                       ("offsets", ["copy_offset_plus1", "composed_copy_mass"]),
+                       ("behavior", list(COPY_DISTANCE_METRICS))):
         note = _missing_note(study, name, mets)
         if note:
             sec.note(note, "warning")
@@ -1168,6 +1262,12 @@ def headline(study: Study, r1: Result, r2: Result) -> Result:
         keep = [f for f in mech.feature.unique() if "top1_share" in f and ("zero_ablation" in f or "patching" in f)]
         for r in mech[mech.feature.isin(keep)].itertuples():
             rows[r.scheme][f"{r.feature} (step-matched)"] = format_ci(r.mean, r.ci_low, r.ci_high)
+    counts = r2.tables.get("step_mechanism_labels")
+    if counts is not None and len(counts):
+        for s, g in counts.groupby("scheme"):
+            k = g.mechanism.value_counts()
+            rows[s]["copying mechanism (step-matched)"] = " · ".join(
+                f"{m} {int(k.get(m, 0))}" for m in ("classic_induction", "long_offset_recall", "none")) + f" (n={len(g)})"
     roles = r2.tables.get("step_roles")
     if roles is not None and len(roles):
         for s, g in roles.groupby("scheme"):

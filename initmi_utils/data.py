@@ -7,12 +7,13 @@ Training sequences mix a learnable *background* with one *repeated segment*:
 - a segment of 8-16 distinct random tokens appears twice; inside its second occurrence every
   token after the first is predictable only by *induction* ("... A B ... A -> B").
 
-A worked example (vocabulary 64, token 0 is BOS; ``[ ]`` marks the segment, ``^`` the induction
+A worked example (vocabulary 64, token 0 is BOS; ``=`` marks the segment, ``^`` the induction
 targets, i.e. the positions whose token a model can predict only by copying)::
 
-    pos   0   1  2  3   4  5  6  7  8   9 10 11 12  13 14 15 16 17
-    tok  BOS 17 40 9 [ 52 3 61 28 ] 40 22 17 40 [ 52 3 61 28 ] 33 ...
-                                                   ^  ^  ^
+    pos    0   1   2   3   4   5   6   7   8   9  10  11  12  13  14  15  16  17
+    tok  BOS  17  40   9  52   3  61  28  40  22  17  40   9  52   3  61  28  33 ...
+    seg                    =   =   =   =                       =   =   =   =
+                                                                   ^   ^   ^
     bigram background: 17 -> 40 -> 9 (each token has 4 allowed successors)
 
 At position 13 the model sees 52 again and should predict 3 (position 14), then 61, then 28.

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from initmi_utils.behavior import (
+    SHORT_COPY,
+    accuracy_by_copy_distance,
     behavior_table,
+    copy_distance,
+    copy_distance_stats,
     emergence_rows,
     emergence_step,
     half_losses,
@@ -104,12 +108,99 @@ def test_half_losses_and_table_on_the_handbuilt_induction_model():
     h = half_losses(rep_logits, ds.rep.tokens, cfg.data.rep_len)
     assert h["repeated_half"] < 0.05 < 1.0 < h["first_half"]  # copies only what it has seen
     table = behavior_table(val_logits, ds.val, rep_logits, ds.rep, cfg.data.rep_len, step=7)
-    assert set(table.columns) == {"step", "metric", "value", "position"} and (table.step == 7).all()
-    v = table[table.position == -1].set_index("metric").value
+    assert set(table.columns) == {"step", "metric", "value", "position", "copy_distance"} and (table.step == 7).all()
+    v = table[(table.position == -1) & (table.copy_distance == -1)].set_index("metric").value
     assert v["rep_acc_induction"] == pytest.approx(next_token_stats(rep_logits, ds.rep)["acc_induction"])
     assert v["rep_acc_induction"] > 0.95 and v["rep_half_gap"] < -1.0
     pos = table[table.metric == "val_loss_at_position"]
     assert pos.position.tolist() == list(range(1, ds.val.tokens.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy by copy distance.
+
+
+def test_copy_distance_on_known_sequences():
+    from initmi_utils.data import Batch
+
+    # Segment 52 3 61 28 at 4 and 12 (targets 13-15): distance 8; 40 and 17 also repeat in the background.
+    t = torch.tensor([[0, 17, 40, 9, 52, 3, 61, 28, 40, 22, 17, 40, 52, 3, 61, 28, 33, 5]])
+    target = torch.zeros_like(t, dtype=torch.bool)
+    target[0, 13:16] = True
+    # A second row whose background repeats segment tokens (40 before the copy, 3 after it) and a row
+    # without targets.
+    t2 = torch.tensor([[0, 3, 40, 9, 8, 7, 6, 40, 9, 8, 7, 6, 3, 1, 2, 5, 11, 12]])
+    target2 = torch.zeros_like(t2, dtype=torch.bool)
+    target2[0, 8:12] = True  # segment 40 9 8 7 6 at 2 and 7: distance 5
+    b = Batch(torch.cat([t, t2, t2]), torch.cat([target, target2, torch.zeros_like(target2)]), torch.full((3, 18), -1))
+    assert copy_distance(b).tolist() == [8, 5, -1]
+
+
+def test_copy_distance_is_rep_len_on_bos_a_a_and_valid_on_val():
+    from initmi_utils.handbuilt import handbuilt_dataset, handbuilt_experiment
+
+    cfg = handbuilt_experiment()
+    ds = handbuilt_dataset(cfg)
+    assert (copy_distance(ds.rep) == cfg.data.rep_len).all()
+    d = copy_distance(ds.val)
+    n_targets = ds.val.target.sum(-1)
+    assert ((d >= n_targets + 1) | (n_targets == 0)).all()  # copies never overlap
+    # every target token equals the token d positions earlier
+    rows, pos = ds.val.target.nonzero(as_tuple=True)
+    assert (ds.val.tokens[rows, pos] == ds.val.tokens[rows, pos - d[rows]]).all()
+
+
+def _oracle_logits(batch, correct_where, d_vocab: int = 20):
+    """Logits whose argmax at position i is token i + 1 where ``correct_where[:, i]`` holds, and another
+    token elsewhere."""
+    b, n = batch.tokens.shape
+    nxt = batch.tokens[:, 1:]
+    answer = torch.where(correct_where, nxt, nxt % (d_vocab - 1) + 1)  # the other token is never nxt
+    logits = torch.zeros(b, n, d_vocab)
+    logits[:, :-1].scatter_(-1, answer[..., None], 5.0)
+    return logits
+
+
+def test_accuracy_by_copy_distance_on_the_handbuilt_model_and_a_long_offset_oracle():
+    from initmi_utils.handbuilt import induction_model
+    from test_offsets import copy_batch
+
+    b = copy_batch(range(5, 41), per=3)  # copy distances 5..40, segment of 5
+    model, _ = induction_model()
+    with torch.no_grad():
+        logits = model(b.tokens)
+    stats = copy_distance_stats(logits, b)
+    assert stats["acc_induction_short"] == 1.0 and stats["acc_induction_long"] == 1.0  # copies at every distance
+    by = accuracy_by_copy_distance(logits, b, bins=(0, 8, 12, 24))
+    assert by.copy_distance.tolist() == [0, 8, 12, 24] and by.copy_distance_high.tolist() == [8, 12, 24, -1]
+    assert by.n_targets.tolist() == [3 * 3 * 4, 4 * 3 * 4, 12 * 3 * 4, 17 * 3 * 4]
+    assert (by.accuracy == 1.0).all()
+    assert stats["frac_targets_short"] == pytest.approx(7 / 36)  # distances 5..11 of 5..40
+    # A model that copies only when the copies are >= SHORT_COPY apart (the long-offset recall circuit).
+    dist = copy_distance(b)[:, None].expand(-1, b.tokens.shape[1] - 1)
+    recall = _oracle_logits(b, dist >= SHORT_COPY)
+    s = copy_distance_stats(recall, b)
+    assert s["acc_induction_short"] == 0.0 and s["acc_induction_long"] == 1.0
+    by = accuracy_by_copy_distance(recall, b, bins=(0, 8, 12, 24)).set_index("copy_distance").accuracy
+    assert by[0] == 0.0 and by[8] == 0.0 and by[12] == 1.0 and by[24] == 1.0
+    assert math.isnan(accuracy_by_copy_distance(recall, b, bins=(0, 100)).accuracy.iloc[1])  # empty bin
+    assert stats == copy_distance_stats(logits, b, short=SHORT_COPY)
+
+
+def test_behavior_table_has_the_copy_distance_rows():
+    from initmi_utils.handbuilt import handbuilt_dataset, handbuilt_experiment, induction_model
+
+    model, _ = induction_model()
+    cfg = handbuilt_experiment()
+    ds = handbuilt_dataset(cfg)
+    with torch.no_grad():
+        table = behavior_table(model(ds.val.tokens), ds.val, model(ds.rep.tokens), ds.rep, cfg.data.rep_len, step=1)
+    scalars = table[(table.position == -1) & (table.copy_distance == -1)].set_index("metric").value
+    assert {"val_acc_induction_short", "val_acc_induction_long", "val_frac_targets_short"} <= set(scalars.index)
+    by = table[table.metric == "val_acc_by_copy_distance"]
+    n = table[table.metric == "val_n_targets_by_copy_distance"]
+    assert by.copy_distance.tolist() == n.copy_distance.tolist() and (by.position == -1).all()
+    assert n.value.sum() == ds.val.target[:, 1:].sum()  # every target in exactly one bin
 
 
 def test_emergence_step_on_known_series_including_never():
@@ -156,7 +247,7 @@ def test_notebook_02_on_a_smoke_run(tmp_path):
                                                    emergence_threshold=0.5))
     assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_parquet(RunPaths.of(cfg, tmp_path).tables / "behavior.parquet")
-    assert {"icl_score", "rep_half_gap", "val_loss", "emergence_step"} <= set(table.metric)
+    assert {"icl_score", "rep_half_gap", "val_loss", "emergence_step", "val_acc_induction_short"} <= set(table.metric)
     assert table[table.metric == "emergence_step"].threshold.item() == 0.5
     figs = sorted(p.name for p in RunPaths.of(cfg, tmp_path).figures.glob("02_*.html"))
     assert figs, "no figures written"

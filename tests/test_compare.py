@@ -96,9 +96,45 @@ def _geometry(scheme: str, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+RECALL = ("seeded", (1, 2, 3))  # planted long-offset recall runs (as in the quick grid)
+
+
+def planted_mechanism(scheme: str, seed: int, step: int) -> str:
+    if scheme == RECALL[0] and seed in RECALL[1]:
+        return "long_offset_recall"
+    te = planted_emergence(scheme, seed)
+    return "classic_induction" if not math.isnan(te) and step >= te else "none"
+
+
+def _offsets(scheme: str, seed: int) -> pd.DataFrame:
+    """The per-head summary rows of ``offsets.offset_table``: the planted mechanism's head is L1H
+    ((seed + 1) % 4); every other head attends nowhere near the copy."""
+    rows = []
+    for t in CKPT_STEPS:
+        m = planted_mechanism(scheme, seed, t)
+        for head in range(4):
+            mine = head == (seed + 1) % 4
+            plus1 = 0.85 if (mine and m == "classic_induction") else 0.02
+            comp = 0.55 if (mine and m == "long_offset_recall") else 0.05
+            for metric, v in [("copy_offset_plus1", plus1), ("copy_offset_near_max", plus1), ("composed_copy_mass", comp)]:
+                rows.append(dict(step=t, layer=1, head=head, metric=metric, value=v, source_layer=0, source_head=seed % 4))
+    return pd.DataFrame(rows)
+
+
+def _behavior(scheme: str, seed: int) -> pd.DataFrame:
+    """Accuracy on short / long copies: classic copies at both, recall only at long, none at neither."""
+    acc = {"classic_induction": (0.9, 0.92), "long_offset_recall": (0.05, 0.9), "none": (0.02, 0.02)}
+    rows = []
+    for t in CKPT_STEPS:
+        short, long = acc[planted_mechanism(scheme, seed, t)]
+        rows += [dict(step=t, metric="val_acc_induction_short", value=short + 0.01 * seed),
+                 dict(step=t, metric="val_acc_induction_long", value=long)]
+    return pd.DataFrame(rows)
+
+
 def make_synthetic_study(root: Path, drop: tuple[str, int] = ("kaiming", 4), truncate: tuple[str, int] = ("xavier", 3),
                          with_geometry: bool = True, seeds: tuple[int, ...] = PRESET_SEEDS[PRESET]) -> Path:
-    """Write metrics/attention/ablation(/geometry) tables for the runs of PRESET under ``root``
+    """Write metrics/attention/ablation/offsets/behavior(/geometry) tables for the runs of PRESET under ``root``
     (``seeds`` only: the others are then missing), leaving ``drop`` out entirely and stopping
     ``truncate``'s training at step 2000."""
     for scheme in SCHEMES:
@@ -110,6 +146,8 @@ def make_synthetic_study(root: Path, drop: tuple[str, int] = ("kaiming", 4), tru
             write_table(_metrics(scheme, seed, last), cfg, "metrics", root)
             write_table(_attention(scheme, seed), cfg, "attention", root)
             write_table(_ablation(scheme, seed), cfg, "ablation", root)
+            write_table(_offsets(scheme, seed), cfg, "offsets", root)
+            write_table(_behavior(scheme, seed), cfg, "behavior", root)
             if with_geometry:
                 write_table(_geometry(scheme, seed), cfg, "geometry", root)
     return root
@@ -300,6 +338,24 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     assert (same.ablation_distance.abs() < 1e-9).all()  # relabelled heads, same mechanism
     roles = r2.tables["step_roles"]
     assert set(roles[(roles.scheme == NEVER) & (roles.layer == 1)].role) == {"other"}
+    # The copying mechanism at the matched step (HORIZON): planted labels, counts, short vs long accuracy.
+    labels = r2.tables["step_mechanism_labels"].set_index("run")
+    for run, r in labels.iterrows():
+        assert r.mechanism == planted_mechanism(r.scheme, r.seed, HORIZON), run
+    assert labels.loc["seeded-s1", "head"] == "L1H2 via L0H1" and labels.loc["normal-s0", "head"] == "L1H1"
+    counts = r2.tables["step_mechanism_counts"].set_index("scheme")
+    assert counts.loc["seeded", "long_offset_recall"] == "3/5" and counts.loc["seeded", "classic_induction"] == "2/5"
+    assert counts.loc[NEVER, "none"] == "5/5" and counts.loc["kaiming", "n"] == 4
+    acc = r2.tables["step_copy_distance_accuracy"].set_index(["metric", "scheme"])
+    short = acc.loc[("val_acc_induction_short", "seeded")]
+    assert short["mean"] == pytest.approx((0.9 + 0.05 * 3 + 0.9 + 0.01 * (0 + 1 + 2 + 3 + 4)) / 5)
+    assert short.n == 5 and short.ci_low < short["mean"] < short.ci_high
+    gap = acc.loc[("val_acc_induction_long_minus_short", "normal")]
+    assert abs(gap["mean"]) < 0.05 and acc.loc[("val_acc_induction_long_minus_short", "seeded"), "mean"] > 0.3
+    texts = " ".join(str(b.content) for b in r2.section.blocks if b.kind == "text")
+    assert C.MECHANISM_SENTENCE in texts
+    head = C.headline(study, r1, r2).tables["headline"].set_index("scheme")
+    assert head.loc["seeded", "copying mechanism (step-matched)"].startswith("classic_induction 2 · long_offset_recall 3")
     r3 = C.rq3(study, r1.tables["emergence"], early_fraction=500 / HORIZON, n_perm=500)
     corr = r3.tables["early_correlation"].set_index("feature")
     assert corr.loc["resid_norm L0", "rho"] == pytest.approx(1.0) and corr.loc["resid_norm L0", "p"] < 0.01
@@ -314,6 +370,7 @@ def test_report_degrades_gracefully_and_names_missing(tmp_path: Path):
     assert "Table &#x27;geometry&#x27; was not found" in html or "Table 'geometry' was not found" in html
     assert (tmp_path / "figures" / PRESET / "07_rq1_curves.html").exists()
     assert "checkpoint" in html.lower()  # CKA cells left empty, with the reason
+    assert "long-offset recall, where a layer-0 head" in html and "long_offset_recall" in html
 
 
 @pytest.mark.slow

@@ -24,7 +24,11 @@ Writes the table `behavior` (`data/runs/<preset>/<scheme>/seed<k>/behavior.parqu
   (stored as metric `emergence_step` at step −1);
 - **ICL score** (Olsson et al. 2022): mean loss on the last 4 tokens minus mean loss on tokens 10–13
   (`behavior.icl_score` says why these positions); negative = the model uses its context;
-- **first vs repeated half**: loss on A[1:] in the first copy vs in the second copy (`behavior.half_losses`).
+- **first vs repeated half**: loss on A[1:] in the first copy vs in the second copy (`behavior.half_losses`);
+- **accuracy by copy distance**: induction accuracy when the two copies of the segment are fewer than 12
+  positions apart (`val_acc_induction_short`) vs 12 or more (`val_acc_induction_long`), and per distance bin
+  (`behavior.copy_distance_stats`, `behavior.accuracy_by_copy_distance`). A classic induction head copies at
+  every distance; the long-offset recall circuit (`initmi_utils.offsets`, notebook 03) fails below ~12.
 """),
     run_parameters("""
 emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction has emerged"
@@ -58,7 +62,8 @@ behavior = pd.concat(rows + [emergence], ignore_index=True)
 write_table(behavior, cfg, "behavior", root)
 emerged_at = emergence.value.item()
 print("emergence step:", "never" if pd.isna(emerged_at) else int(emerged_at), f"(threshold {emergence_threshold})")
-behavior[behavior.position == -1].pivot_table(index="step", columns="metric", values="value").round(3)
+scalars = behavior[(behavior.position == -1) & (behavior.copy_distance == -1)]
+scalars.pivot_table(index="step", columns="metric", values="value").round(3)
 """),
     md("## Loss, accuracy and logit difference over training"),
     code("""
@@ -72,6 +77,21 @@ for name, (which, y_title, hline) in figures.items():
                             y_title=y_title, hline=hline, vline=emerged_at)
     plots.save_figure(fig, paths.figures / name)
     fig.show()
+"""),
+    md("""
+## Induction accuracy by copy distance
+
+Short copies (fewer than 12 positions between the two copies, ~6% of the validation targets) separate the
+classic induction circuit, which copies at every distance, from the long-offset recall circuit, which cannot.
+"""),
+    code("""
+which = ["val_acc_induction", "val_acc_induction_short", "val_acc_induction_long"]
+fig = plots.line_figure(behavior[behavior.metric.isin(which)], f"{cfg.run.name} ({preset}): induction accuracy, short vs long copies",
+                        y_title="accuracy", hline=emergence_threshold, vline=emerged_at)
+plots.save_figure(fig, paths.figures / "02_accuracy_by_copy_distance")
+fig.show()
+by_distance = behavior[behavior.metric.isin(["val_acc_by_copy_distance", "val_n_targets_by_copy_distance"])]
+by_distance[by_distance.step == by_distance.step.max()].pivot_table(index="copy_distance", columns="metric", values="value").round(3)
 """),
     md("## In-context learning: ICL score and the two halves of BOS + A + A, per checkpoint"),
     code("""
@@ -102,8 +122,10 @@ Reads every run's tables of a preset (`tables.read_table`, one schema) and answe
 
 - **RQ1** training and emergence: curves per scheme with seed bands; emergence step with 95% bootstrap CI;
   survival curve (never-emerged seeds counted);
-- **RQ2** mechanisms at step-matched and loss-matched checkpoints: head roles, ablation matrices, localisation,
-  and the "similar loss, different minds" table (ablation-profile distance, head-role disagreement, residual CKA);
+- **RQ2** mechanisms at step-matched and loss-matched checkpoints: the copying mechanism of every run (classic
+  induction vs long-offset recall, from table `offsets`) with accuracy on short vs long copies, head roles,
+  ablation matrices, localisation, and the "similar loss, different minds" table (ablation-profile distance,
+  head-role disagreement, residual CKA);
 - **RQ3** geometry trajectories with seed bands; early geometry vs emergence step;
 - **persistence** of the `seeded` scheme's donor heads, against the same head slots under the other schemes.
 

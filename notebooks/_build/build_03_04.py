@@ -22,11 +22,20 @@ entropy (`initmi_utils.attention`; the scores are checked on hand-built heads an
 
 Writes the table `attention` (run, scheme, seed, preset, step, layer, head, metric, value) and one
 heatmap per score over training to the run's figures folder; ends with a circuitsvis view of the
-final checkpoint that renders offline (the bundled JavaScript is inlined, no CDN)."""),
+final checkpoint that renders offline (the bundled JavaScript is inlined, no CDN).
+
+**Which copying mechanism?** From a second forward pass on validation sequences (where the distance
+between the two copies varies): the attention mass at every offset from the earlier copy of the query's
+token, directly and rolled back through each layer-0 head (`initmi_utils.offsets`), and a label per
+checkpoint: `classic_induction` (a layer-1 head attends to offset +1: previous-token head + induction
+head), `long_offset_recall` (a layer-1 head attends ~12-14 positions *after* the earlier copy and reads,
+through a layer-0 head looking ~13 back, the tokens around it; its induction score is ~0) or `none`.
+Table `offsets`."""),
     parameters('''\
 n_examples: int = 64  # repeated-random sequences the scores are averaged over
 view_example: int = 0  # which sequence the circuitsvis view of the final checkpoint shows
 persistence_checkpoints: int = 6  # checkpoints (evenly spaced, first and last included) scored against the seeded donor
+n_offset_sequences: int = 64  # validation sequences for the copy-offset profiles and the mechanism label
 '''),
     new_code_cell('''\
 import pandas as pd
@@ -37,31 +46,61 @@ from initmi_utils.attention import METRICS, attention_view, head_scores, pattern
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
-from initmi_utils.plots import save_figure
+from initmi_utils.offsets import induction_queries, offset_table
+from initmi_utils.plots import line_figure, save_figure
 from initmi_utils.tables import write_table
 
 cfg = experiment(preset, init_scheme, seed)
 ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
 paths = RunPaths.of(cfg, root)
-tokens = load_dataset(cfg, root).rep.tokens[:n_examples]
+ds = load_dataset(cfg, root)
+tokens = ds.rep.tokens[:n_examples]
+val_tokens, val_queries = ds.val.tokens[:n_offset_sequences], induction_queries(ds.val.target[:n_offset_sequences])
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, {len(tokens)} sequences of {tokens.shape[1]} tokens")'''),
     new_markdown_cell("## Scores at every checkpoint (one cached forward each)"),
     new_code_cell('''\
-frames = []
+frames, offset_frames = [], []
 for step, model, bridge in ckpts.bridges():
     with torch.no_grad():
         _, cache = bridge.run_with_cache(tokens, names_filter=pattern_names(cfg.model.n_layers))
+        val_patterns = []
+        model(val_tokens, patterns=val_patterns)  # the plain model computes the bridge's patterns, faster
     pattern = patterns_from_cache(cache, cfg.model.n_layers)
     frames.append(head_scores(pattern, tokens, step=step))
+    offset_frames.append(offset_table(patterns_from_cache(val_patterns, cfg.model.n_layers), val_tokens, val_queries,
+                                      step=step))
 scores = pd.concat(frames, ignore_index=True)
+offsets = pd.concat(offset_frames, ignore_index=True)
 final_pattern = pattern  # the last checkpoint's, for the circuitsvis view
 write_table(scores, cfg, "attention", root)
+write_table(offsets, cfg, "offsets", root)
 scores[scores.step == ckpts.steps[-1]].pivot_table(index=["layer", "head"], columns="metric", values="value").round(3)'''),
     new_markdown_cell("## Scores over training"),
     new_code_cell('''\
 fig = scores_grid_figure(scores, METRICS, title=f"{cfg.run.name} ({preset}): attention scores per head over training")
 save_figure(fig, paths.figures / "03_attention_scores")
 fig.show()'''),
+    new_markdown_cell("""\
+## Which copying mechanism? Copy-offset profiles and the label per checkpoint
+
+Thresholds (`offsets.classify_mechanism`): `classic_induction` if a layer-1 head puts ≥ 0.3 of its
+attention on offset +1 from the earlier copy; else `long_offset_recall` if a layer-1 head with < 0.1 at
+every offset within ±3 of the copy puts ≥ 0.25 on offsets {0, +1} once rolled back through a layer-0
+head; else `none`. Queries: validation positions that predict an induction target."""),
+    new_code_cell('''\
+labels = offsets[offsets.metric == "mechanism"][["step", "label", "layer", "head", "source_layer", "source_head"]]
+print(f"{cfg.run.name}: {labels.label.iloc[-1]} at step {ckpts.steps[-1]}")
+final_offsets = offsets[(offsets.step == ckpts.steps[-1]) & (offsets.layer >= 1)]
+for metric, what in (("copy_offset_mass", "attention by offset from the earlier copy"),
+                     ("composed_copy_offset_mass", "attention rolled back through each layer-0 head")):
+    sub = final_offsets[final_offsets.metric == metric]
+    sub = sub.assign(line="L" + sub.layer.astype(str) + "H" + sub["head"].astype(str)
+                     + sub.source_head.map(lambda h: f" via L0H{h}" if h >= 0 else ""))
+    fig = line_figure(sub, f"{cfg.run.name} step {ckpts.steps[-1]}: {what}", x="offset", color="line",
+                      y_title="attention mass")
+    save_figure(fig, paths.figures / f"03_{metric}")
+    fig.show()
+labels.set_index("step")'''),
     new_markdown_cell("""\
 ## Attention patterns of the final checkpoint
 

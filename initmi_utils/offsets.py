@@ -1,0 +1,340 @@
+"""Attention mass by offset from the earlier copy of the current token; which copying mechanism a run uses.
+
+``attention.induction_score`` asks one question: how much does a query attend to the key
+*right after* the earlier occurrence of its token (offset +1)? A head that reads the earlier
+copy in another way scores ~0 there although the model copies. Trained models do this. Besides
+the classic circuit (a layer-0 previous-token head feeding a layer-1 induction head that attends
+to offset +1 from the earlier copy), some 2-layer runs learn a *long-offset recall* circuit:
+
+- a layer-0 head attends a fixed ~12-14 positions back (positional, not previous-token), so the
+  residual stream at every position j holds "the tokens ~13 before j";
+- a layer-1 head at a query holding token ``A`` attends to the position ~12-14 *after* the
+  earlier ``A`` (K-composition: the key there holds "A was ~13 back") and reads, through the same
+  layer-0 head (V-composition), a blurred bag of the tokens *around* the earlier ``A``;
+- MLP0 and a local layer-1 head subtract the current and the recent tokens from that bag; the
+  segment's tokens are distinct, so what remains is ``B``, the token after the earlier ``A``.
+
+Its layer-1 head puts ~0 attention within +-3 of the earlier copy (induction score ~0), yet its
+attention *rolled back through the layer-0 head* (``A_L1 @ A_L0``) peaks on the copy, at offsets
+0/+1. It cannot copy when the two copies are fewer than ~12 positions apart (the position that
+would hold "A was ~13 back" lies in the query's future): ``behavior.copy_distance_stats`` measures
+that failure directly. Measured in the quick preset (5 seeds): the ``seeded`` donors of seeds 1-3
+and their ``seeded`` students use it (README, "Findings so far").
+
+So we measure two profiles:
+
+- ``copy_offset_profile``: for each query whose token occurred earlier at index ``i``, the
+  attention mass on key ``i + o``, per (layer, head, o). Offset +1 equals the induction score
+  and offset 0 the duplicate-token score of ``attention.head_score_tensors`` on sequences where
+  every repeated token has one earlier occurrence (``tests/test_offsets.py`` checks this);
+- ``composed_copy_offset_profile``: the same profile of ``A_dst[h] @ A_src[s]``, the attention of a
+  later head rolled back through one earlier head (the path "dst reads what src moved"); a
+  classic induction head composed with its previous-token head lands on offset 0, and so does a
+  long-offset recall head composed with its long-offset head, while its *direct* profile near
+  the copy is ~0.
+
+Both must be measured on data where the copy distance *varies* (``val``): on BOS + A + A the
+distance is always ``rep_len``, and a long-offset recall head is indistinguishable from a
+positional head attending ``rep_len - 13`` back. ``offset_table`` computes the profiles and a
+per-head summary from one forward pass; ``classify_mechanism`` labels a checkpoint
+``classic_induction``, ``long_offset_recall`` or ``none`` from that summary (thresholds below).
+
+Why by hand: neither TransformerLens's ``head_detector`` (fixed detection patterns, one offset)
+nor its ``patching`` (causal effects, not attention geometry) measures mass at arbitrary offsets
+from a token's earlier occurrence, nor attention composed across layers; both are a few tensor
+operations on the cached patterns ``[layer, batch, head, q, k]`` (``attention.patterns_from_cache``
+or ``model(tokens, patterns=[])``), which every other score of the package also takes.
+
+Conventions: a query counts only if its token occurred before it *exactly once* (``unique=True``,
+the default: the earlier copy is then unambiguous, e.g. the second half of BOS + A + A) or at
+least once (``unique=False``: the most recent earlier occurrence); BOS queries never count. For
+each offset only the rows whose key ``i + o`` exists, is not BOS and is causal
+(``1 <= i + o <= q``) are averaged: BOS (position 0) is every head's attention sink, and counting
+it would credit a BOS head with "attending before the copy" whenever the copy is at index 1-3.
+Large offsets are thus averaged over the queries far enough from their earlier copy; ``nan``
+where no row qualifies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from initmi_utils.data import BOS
+
+DEFAULT_OFFSETS = tuple(range(-3, 4))
+
+
+def earlier_copy_index(tokens: Int[Tensor, "batch pos"], unique: bool = True) -> Int[Tensor, "batch pos"]:
+    """Index of the earlier occurrence of ``tokens[b, q]`` (``k < q``), ``-1`` where there is none.
+
+    ``unique=True``: only tokens that occurred exactly once before count (the others get ``-1``);
+    ``unique=False``: the most recent earlier occurrence. BOS positions always get ``-1``.
+    """
+    batch, n = tokens.shape
+    q_idx, k_idx = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    earlier = (tokens[:, :, None] == tokens[:, None, :]) & (k_idx < q_idx)  # [batch q k]
+    count = earlier.sum(-1)
+    latest = torch.where(earlier, k_idx.expand_as(earlier), -1).amax(-1)  # [batch q]
+    ok = (count == 1) if unique else (count >= 1)
+    ok &= tokens != BOS
+    return torch.where(ok, latest, -1)
+
+
+def _copy_rows(tokens: Int[Tensor, "batch pos"], offsets: Sequence[int], queries: Bool[Tensor, "batch pos"] | None,
+               unique: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The (batch, query) rows that count and, per row and offset, the key ``i + o`` and whether it
+    counts: ``b [row], q [row], key [row offset], ok [row offset]`` (see the module docstring)."""
+    src = earlier_copy_index(tokens, unique)  # [batch q]
+    has = src >= 0
+    if queries is not None:
+        has &= queries.bool()
+    b, q = has.nonzero(as_tuple=True)
+    key = src[b, q][:, None] + torch.tensor(list(offsets), dtype=torch.long)[None, :]  # [row offset]
+    ok = (key >= 1) & (key <= q[:, None])  # key 0 is BOS; keys after the query are not causal
+    return b, q, key.clamp(0, tokens.shape[1] - 1), ok
+
+
+def _row_means(mass: Float[Tensor, "... row offset"], ok: Bool[Tensor, "row offset"]) -> Float[Tensor, "... offset"]:
+    n = ok.sum(0)  # [offset]
+    out = (mass * ok.to(mass.dtype)).sum(-2) / n.clamp(min=1)
+    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+
+
+def copy_offset_profile(
+    pattern: Float[Tensor, "layer batch head q k"],
+    tokens: Int[Tensor, "batch pos"],
+    offsets: Sequence[int] = DEFAULT_OFFSETS,
+    queries: Bool[Tensor, "batch pos"] | None = None,
+    unique: bool = True,
+) -> Float[Tensor, "layer head offset"]:
+    """Mean attention from a query to key ``i + o``, ``i`` the earlier copy of the query's token.
+
+    ``queries``: optional extra mask of the query positions to use (e.g. the positions that
+    *predict* an induction target, ``induction_queries(batch.target)``). Rows: see the module
+    docstring. Returns ``[layer, head, len(offsets)]``.
+    """
+    pattern = pattern.detach().float()
+    b, q, key, ok = _copy_rows(tokens, offsets, queries, unique)
+    rows = pattern[:, b, :, q, :]  # [row layer head k]: advanced indices first
+    mass = rows.gather(-1, key[:, None, None, :].expand(-1, *rows.shape[1:3], -1))  # [row layer head offset]
+    return _row_means(mass.permute(1, 2, 0, 3), ok)
+
+
+def composed_pattern(
+    pattern: Float[Tensor, "layer batch head q k"], src_layer: int = 0, dst_layer: int = 1
+) -> Float[Tensor, "dst_head batch src_head q k"]:
+    """``A_dst[h] @ A_src[s]`` for every (dst head h, src head s): the attention of ``dst_layer``'s
+    heads rolled back through one head of ``src_layer`` (only that path; the residual path, i.e.
+    reading the key position's own token, is ``pattern[dst_layer]`` itself). Laid out like a
+    pattern with the dst head as "layer" so ``copy_offset_profile`` applies unchanged."""
+    _check_layers(src_layer, dst_layer)
+    a_dst, a_src = pattern[dst_layer].detach().float(), pattern[src_layer].detach().float()  # [batch head q k]
+    return torch.einsum("bhqj,bsjk->hbsqk", a_dst, a_src)
+
+
+def _check_layers(src_layer: int, dst_layer: int) -> None:
+    if not src_layer < dst_layer:
+        raise ValueError(f"src_layer={src_layer} must come before dst_layer={dst_layer}.")
+
+
+def composed_copy_offset_profile(
+    pattern: Float[Tensor, "layer batch head q k"],
+    tokens: Int[Tensor, "batch pos"],
+    offsets: Sequence[int] = DEFAULT_OFFSETS,
+    src_layer: int = 0,
+    dst_layer: int = 1,
+    queries: Bool[Tensor, "batch pos"] | None = None,
+    unique: bool = True,
+) -> Float[Tensor, "dst_head src_head offset"]:
+    """``copy_offset_profile`` of ``composed_pattern``: ``[dst head, src head, offset]``.
+
+    Computed on the counted rows and keys only (``sum_j A_dst[q, j] A_src[j, i + o]``), never
+    materialising the composed pattern: a few ms instead of ~50 ms on 128 sequences."""
+    _check_layers(src_layer, dst_layer)
+    pattern = pattern.detach().float()
+    b, q, key, ok = _copy_rows(tokens, offsets, queries, unique)
+    a_dst = pattern[dst_layer][b, :, q, :]  # [row dst_head j]
+    cols = pattern[src_layer][b[:, None], :, :, key]  # [row offset src_head j]: only the keys needed
+    mass = torch.einsum("rhj,rosj->hsro", a_dst, cols)
+    return _row_means(mass, ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-checkpoint table and the mechanism label.
+
+DIRECT_OFFSETS = tuple(range(-3, 21))  # wide: a long-offset recall head peaks at +12..+14
+COMPOSED_OFFSETS = tuple(range(-3, 4))  # composed attention lands on the copy itself
+NEAR = tuple(range(-3, 4))  # "near the copy": a recall head puts < 0.01 on each of these
+FAR = tuple(range(10, 17))  # where a recall head's direct attention sits (0.77-0.97 of its mass)
+
+MECHANISMS = ("none", "classic_induction", "long_offset_recall")  # ``mechanism`` rows: value = index here
+# Thresholds of ``classify_mechanism``, set from the 5-seed quick grid's final checkpoints (64 val
+# sequences): induction heads put 0.85-0.93 on +1, every other layer-1 head <= 0.19; recall heads put
+# <= 0.01 on each offset within +-3 and 0.51-0.59 (their donors from 0.31) on {0, +1} composed, heads
+# of runs without induction <= 0.14. The mimetic runs' duplicate-token heads reach 0.74 composed but
+# hold 0.2-0.7 on offset 0 directly: RECALL_MAX_NEAR is what keeps them out.
+CLASSIC_MIN_PLUS1 = 0.3  # direct mass on +1 that makes a head an induction head
+RECALL_MIN_COMPOSED = 0.25  # composed mass on offsets {0, +1} that makes a head a recall head ...
+RECALL_MAX_NEAR = 0.1  # ... provided its direct mass at every offset within +-3 of the copy stays below this
+
+SUMMARY_METRICS = ("copy_offset_plus1", "copy_offset_near_max", "copy_offset_far", "composed_copy_mass")
+
+
+def induction_queries(target: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """The query positions that *predict* an induction target: ``target`` shifted one to the left
+    (a target at ``i`` is predicted at ``i - 1``, whose token is the one that repeats)."""
+    q = torch.zeros_like(target, dtype=torch.bool)
+    q[:, :-1] = target[:, 1:].bool()
+    return q
+
+
+def _mass(profile: Tensor, offsets: Sequence[int], which: Sequence[int], reduce: str) -> Tensor:
+    idx = [offsets.index(o) for o in which if o in offsets]
+    if not idx:
+        return torch.full(profile.shape[:-1], float("nan"))
+    part = profile[..., idx]
+    return part.nansum(-1) if reduce == "sum" else part.nan_to_num(0.0).amax(-1)
+
+
+def offset_table(
+    pattern: Float[Tensor, "layer batch head q k"],
+    tokens: Int[Tensor, "batch pos"],
+    queries: Bool[Tensor, "batch pos"] | None = None,
+    step: int | None = None,
+    direct_offsets: Sequence[int] = DIRECT_OFFSETS,
+    composed_offsets: Sequence[int] = COMPOSED_OFFSETS,
+) -> pd.DataFrame:
+    """Profiles, per-head summary and mechanism label of one checkpoint, long format.
+
+    Columns: (step,) layer, head, metric, value, offset, source_layer, source_head, label
+    (``-1`` / ``""`` where they do not apply). Metrics:
+
+    - ``copy_offset_mass`` (per layer, head, ``offset``): ``copy_offset_profile``;
+    - ``composed_copy_offset_mass`` (per later head ``layer, head`` and earlier head
+      ``source_layer, source_head``, ``offset``): ``composed_copy_offset_profile``, every pair of layers;
+    - summary per head of layer >= 1: ``copy_offset_plus1`` (direct mass on +1),
+      ``copy_offset_near_max`` (largest direct mass on one offset in -3..+3), ``copy_offset_far``
+      (direct mass summed over +10..+16), ``composed_copy_mass`` (composed mass on {0, +1}, the
+      largest over earlier heads, which ``source_layer``/``source_head`` name);
+    - ``mechanism``: one row, ``value`` = index in ``MECHANISMS``, ``label`` its name, layer/head
+      the deciding head (``classify_mechanism``).
+
+    ``queries`` defaults to every position whose token occurred exactly once before; on ``val``
+    pass ``induction_queries(batch.target)``.
+    """
+    direct_offsets, composed_offsets = tuple(direct_offsets), tuple(composed_offsets)
+    pattern = pattern.detach().float()
+    n_layers, _, n_heads = pattern.shape[:3]
+    direct = copy_offset_profile(pattern, tokens, direct_offsets, queries)  # [layer head offset]
+    frames = [_grid_frame(direct, "copy_offset_mass", direct_offsets)]
+    on_copy = torch.full((n_layers, n_heads), float("nan"))  # best composed mass on {0, +1} per later head
+    source = torch.full((n_layers, n_heads, 2), -1, dtype=torch.long)  # ... and the earlier head giving it
+    for dst in range(1, n_layers):
+        for src in range(dst):
+            comp = composed_copy_offset_profile(pattern, tokens, composed_offsets, src, dst, queries)  # [dst src offset]
+            frames.append(_grid_frame(comp, "composed_copy_offset_mass", composed_offsets)
+                          .rename(columns={"layer": "head", "head": "source_head"})
+                          .assign(layer=dst, source_layer=src))
+            mass = _mass(comp, composed_offsets, (0, 1), "sum").nan_to_num(-1.0)  # [dst head, src head]
+            best, arg = mass.max(-1)
+            better = best > on_copy[dst].nan_to_num(-1.0)
+            on_copy[dst] = torch.where(better, best.where(best >= 0, torch.tensor(float("nan"))), on_copy[dst])
+            source[dst] = torch.where(better[:, None], torch.stack([torch.full_like(arg, src), arg], -1), source[dst])
+    summary = {"copy_offset_plus1": _mass(direct, direct_offsets, (1,), "sum"),
+               "copy_offset_near_max": _mass(direct, direct_offsets, NEAR, "max"),
+               "copy_offset_far": _mass(direct, direct_offsets, FAR, "sum"),
+               "composed_copy_mass": on_copy}
+    rows = []
+    for layer in range(1, n_layers):
+        for head in range(n_heads):
+            rows += [dict(layer=layer, head=head, metric=m, value=float(t[layer, head])) for m, t in summary.items()]
+            rows[-1].update(source_layer=int(source[layer, head, 0]), source_head=int(source[layer, head, 1]))
+    summ = pd.DataFrame(rows, columns=["layer", "head", "metric", "value", "source_layer", "source_head"])
+    label = classify_mechanism(summ)
+    mech = pd.DataFrame([dict(layer=label["layer"], head=label["head"], source_layer=label["source_layer"],
+                              source_head=label["source_head"], metric="mechanism",
+                              value=float(MECHANISMS.index(label["label"])), label=label["label"])])
+    df = pd.concat(frames + [summ, mech], ignore_index=True)
+    for col in ("offset", "source_layer", "source_head"):
+        df[col] = df[col].fillna(-1).astype(int)
+    df["label"] = df["label"].fillna("")
+    if step is not None:
+        df.insert(0, "step", int(step))
+    return df[(["step"] if step is not None else []) + ["layer", "head", "metric", "value", "offset", "source_layer",
+                                                        "source_head", "label"]]
+
+
+def _grid_frame(t: Float[Tensor, "a b offset"], metric: str, offsets: Sequence[int]) -> pd.DataFrame:
+    """``t[a, b, o]`` as rows (layer = a, head = b, offset, metric, value)."""
+    a, b, o = t.shape
+    idx = torch.cartesian_prod(torch.arange(a), torch.arange(b), torch.arange(o)).numpy()
+    return pd.DataFrame({"layer": idx[:, 0], "head": idx[:, 1], "offset": [offsets[i] for i in idx[:, 2]],
+                         "metric": metric, "value": t.reshape(-1).double().numpy()})
+
+
+def classify_mechanism(
+    summary: pd.DataFrame,
+    classic_min_plus1: float = CLASSIC_MIN_PLUS1,
+    recall_min_composed: float = RECALL_MIN_COMPOSED,
+    recall_max_near: float = RECALL_MAX_NEAR,
+) -> dict:
+    """Label one checkpoint from the per-head summary rows of ``offset_table`` (other rows ignored).
+
+    - ``classic_induction``: some head of layer >= 1 puts >= ``classic_min_plus1`` of its
+      attention on offset +1 from the earlier copy (the deciding head: the largest such mass);
+    - ``long_offset_recall``: otherwise, some head of layer >= 1 whose direct mass stays below
+      ``recall_max_near`` at *every* offset within +-3 of the copy (so neither an induction nor a
+      duplicate-token head) has composed mass on offsets {0, +1} >= ``recall_min_composed``
+      through some earlier head (deciding: the largest composed mass);
+    - ``none``: neither (no copying head yet, or one this classification does not know).
+
+    ``nan`` (no qualifying query) never passes a threshold. Returns ``label``, ``layer``,
+    ``head``, ``source_layer``, ``source_head`` (``-1`` where they do not apply) and ``score``.
+    """
+    s = summary[summary.metric.isin(SUMMARY_METRICS) & (summary.layer >= 1)]
+    heads: dict[tuple[int, int], dict] = {}  # (layer, head) -> {metric: value, "source": (layer, head)}
+    has_source = "source_layer" in s.columns and "source_head" in s.columns
+    for r in s.itertuples(index=False):
+        h = heads.setdefault((int(r.layer), int(r.head)), {})
+        h[r.metric] = float(r.value)
+        if r.metric == "composed_copy_mass" and has_source:
+            h["source"] = (int(r.source_layer), int(r.source_head))
+    out = dict(label="none", layer=-1, head=-1, source_layer=-1, source_head=-1, score=math.nan)
+    nan = math.nan
+    classic = {k: h.get("copy_offset_plus1", nan) for k, h in heads.items()}
+    classic = {k: v for k, v in classic.items() if v >= classic_min_plus1}  # nan compares False
+    if classic:
+        (layer, head), score = max(classic.items(), key=lambda kv: kv[1])
+        return dict(out, label="classic_induction", layer=layer, head=head, score=score)
+    recall = {k: h.get("composed_copy_mass", nan) for k, h in heads.items()
+              if h.get("copy_offset_near_max", nan) < recall_max_near}
+    recall = {k: v for k, v in recall.items() if v >= recall_min_composed}
+    if recall:
+        (layer, head), score = max(recall.items(), key=lambda kv: kv[1])
+        src_layer, src_head = heads[(layer, head)].get("source", (-1, -1))
+        return dict(out, label="long_offset_recall", layer=layer, head=head, source_layer=src_layer,
+                    source_head=src_head, score=score)
+    return out
+
+
+def mechanism_labels(offsets: pd.DataFrame, **thresholds) -> pd.DataFrame:
+    """``classify_mechanism`` of every (run, step) of an ``offsets`` table (read across runs):
+    run, scheme, seed, step, mechanism, layer, head, source_layer, source_head, score. Labels are
+    recomputed from the summary rows, so ``thresholds`` apply to stored tables too."""
+    keys = [c for c in ("run", "scheme", "seed", "step") if c in offsets.columns]
+    cols = keys + ["mechanism", "layer", "head", "source_layer", "source_head", "score"]
+    sub = offsets[offsets.metric.isin(SUMMARY_METRICS)]
+    if sub.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for k, g in sub.groupby(keys, sort=False):
+        k = k if isinstance(k, tuple) else (k,)
+        lab = classify_mechanism(g, **thresholds)
+        rows.append({**dict(zip(keys, k)), "mechanism": lab.pop("label"), **lab})
+    return pd.DataFrame(rows, columns=cols)
