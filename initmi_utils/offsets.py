@@ -338,3 +338,14 @@ def mechanism_labels(offsets: pd.DataFrame, **thresholds) -> pd.DataFrame:
         lab = classify_mechanism(g, **thresholds)
         rows.append({**dict(zip(keys, k)), "mechanism": lab.pop("label"), **lab})
     return pd.DataFrame(rows, columns=cols)
+
+
+def model_mechanism(model, batch, n_sequences: int = 128) -> dict:
+    """``classify_mechanism`` of a training-path ``model.Transformer`` on the first
+    ``n_sequences`` of ``batch`` (``val``: the copy distance varies), from one no-grad forward."""
+    tokens, target = batch.tokens[:n_sequences], batch.target[:n_sequences]
+    patterns: list = []
+    with torch.no_grad():
+        model(tokens, patterns)
+    table = offset_table(torch.stack(patterns), tokens, induction_queries(target))
+    return classify_mechanism(table)

@@ -340,12 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from initmi_utils.checkpoints import list_checkpoints
+    from initmi_utils.data import load_dataset
+    from initmi_utils.offsets import model_mechanism
+
     dcfg = donor_experiment(cfg)
     final = metrics[metrics.step == metrics.step.max()].set_index("metric").value
     acc = final.get("val_acc_induction", float("nan"))
     emerged = acc >= dcfg.train.emergence_threshold
-    print(f"donor {dcfg.run.name}: step {int(metrics.step.max())}, val_acc_induction {acc:.3f}"
-          + ("" if emerged else f" < {dcfg.train.emergence_threshold}: no induction circuit yet, so the seeded "
+    ckpts = list_checkpoints(dcfg, a.root)
+    mechanism = model_mechanism(ckpts.load(ckpts.steps[-1])[0], load_dataset(dcfg, a.root).val)["label"]
+    print(f"donor {dcfg.run.name}: step {int(metrics.step.max())}, val_acc_induction {acc:.3f}, mechanism {mechanism}"
+          + ("" if emerged else f"; < {dcfg.train.emergence_threshold}: no induction circuit yet, so the seeded "
                                 f"run of seed {a.seed} starts from a partial one (DonorWarning)"))
     return 0
 

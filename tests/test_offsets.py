@@ -165,6 +165,7 @@ from initmi_utils.offsets import (  # noqa: E402
     classify_mechanism,
     induction_queries,
     mechanism_labels,
+    model_mechanism,
     offset_table,
 )
 
@@ -213,6 +214,17 @@ def test_handbuilt_induction_model_is_classic_on_varying_copy_distances():
     lab = _label(torch.stack(patterns), b.tokens, induction_queries(b.target))
     assert lab["label"] == "classic_induction" and (lab["layer"], lab["head"]) == roles.induction
     assert lab["score"] > 0.95
+
+
+def test_model_mechanism_labels_a_model_from_one_forward():
+    model, roles = induction_model()
+    b = copy_batch(range(5, 41))
+    lab = model_mechanism(model, b)
+    assert lab["label"] == "classic_induction" and (lab["layer"], lab["head"]) == roles.induction
+    from initmi_utils.config import experiment
+    from initmi_utils.schemes import build_model
+
+    assert model_mechanism(build_model(experiment("quick", "normal", 0)), b)["label"] == "none"  # untrained
 
 
 def test_offset_table_summary_agrees_with_the_profiles(built):
