@@ -721,23 +721,26 @@ def role_strings(roles: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "scheme", "seed", "step", "roles"])
 
 
+def _runs_with(df: pd.DataFrame, schemes: Sequence[str], conditions: dict) -> pd.DataFrame:
+    """Per scheme: ``n`` runs and, per named condition (a function of the scheme's rows giving a
+    row mask), the runs with at least one row meeting it, as "k/n"."""
+    rows = []
+    for s in schemes:
+        g = df[df.scheme == s]
+        if g.empty:
+            continue
+        n = g.run.nunique()
+        rows.append(dict(scheme=s, n=n, **{name: f"{g[cond(g)].run.nunique()}/{n}" for name, cond in conditions.items()}))
+    return pd.DataFrame(rows, columns=["scheme", "n", *conditions])
+
+
 def role_summary(roles: pd.DataFrame, schemes: Sequence[str]) -> pd.DataFrame:
     """Per scheme, for every (layer, role) but 'other': runs with at least one such head (k/n)."""
     if roles.empty:
         return pd.DataFrame(columns=["scheme", "n"])
     kinds = [(l, r) for l in sorted(roles.layer.unique()) for r in ROLE_METRICS]
-    rows = []
-    for s in schemes:
-        g = roles[roles.scheme == s]
-        if g.empty:
-            continue
-        n = g.run.nunique()
-        row = dict(scheme=s, n=n)
-        for l, r in kinds:
-            k = g[(g.layer == l) & (g.role == r)].run.nunique()
-            row[f"L{l} {r}"] = f"{k}/{n}"
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return _runs_with(roles, schemes, {f"L{l} {r}": (lambda g, l=l, r=r: (g.layer == l) & (g.role == r))
+                                       for l, r in kinds})
 
 
 def ablation_profiles(ablation: pd.DataFrame, metric: str) -> dict[str, np.ndarray]:
@@ -909,17 +912,8 @@ COPY_DISTANCE_METRICS = {"val_acc_induction_short": "short copies (< 12 apart)",
 
 def mechanism_counts(labels: pd.DataFrame, schemes: Sequence[str]) -> pd.DataFrame:
     """Per scheme: n runs and, for every label of ``offsets.MECHANISMS``, runs with it (k/n)."""
-    from initmi_utils.offsets import MECHANISMS
-
-    rows = []
-    for s in schemes:
-        g = labels[labels.scheme == s]
-        if g.empty:
-            continue
-        n = g.run.nunique()
-        rows.append(dict(scheme=s, n=n, **{m: f"{(g.mechanism == m).sum()}/{n}" for m in
-                                            ("classic_induction", "long_offset_recall", "none") if m in MECHANISMS}))
-    return pd.DataFrame(rows, columns=["scheme", "n", "classic_induction", "long_offset_recall", "none"])
+    return _runs_with(labels, schemes, {m: (lambda g, m=m: g.mechanism == m)
+                                        for m in ("classic_induction", "long_offset_recall", "none")})
 
 
 def copy_distance_accuracy(behavior: pd.DataFrame) -> pd.DataFrame:
