@@ -62,7 +62,7 @@ from initmi_utils.model import flops_per_token
 from initmi_utils.train import checkpoint_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import RESULTS, fixed_batch, machine, make_ours  # noqa: E402
+from bench_train import RESULTS, fixed_batch, machine, make_gemm_only, make_ours  # noqa: E402
 
 GOALS_S = {"smoke": 120.0, "quick": 600.0}  # issue 5; full: whatever the science needs within 1.3x
 TARGET_RATIO = 1.3
@@ -130,12 +130,13 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> list[float]:
     return rates
 
 
-def step_seconds(cfg: ExperimentConfig, steps: int = 8, repeats: int = 5, threads: int = 1) -> float:
-    """Median seconds of one of our training steps (``bench_train``'s ``ours``) at ``cfg``'s model and batch."""
+def step_seconds(cfg: ExperimentConfig, steps: int = 8, repeats: int = 5, threads: int = 1, make=make_ours) -> float:
+    """Median seconds of one of our training steps (``bench_train``'s ``ours``) at ``cfg``'s model and
+    batch; with ``make=make_gemm_only``, of the step's matrix products alone."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        run = make_ours(cfg, fixed_batch(cfg))
+        run = make(cfg, fixed_batch(cfg))
         run(2)  # warm-up
         samples = []
         for _ in range(repeats):
@@ -147,16 +148,32 @@ def step_seconds(cfg: ExperimentConfig, steps: int = 8, repeats: int = 5, thread
     return statistics.median(samples)
 
 
-def step_bound(runs: list[ExperimentConfig], workers: int) -> tuple[float, dict[str, float]]:
-    """Seconds the runs' optimizer steps alone take at our measured step speed, spread over ``workers``."""
+def step_bound(runs: list[ExperimentConfig], workers: int, make=make_ours) -> tuple[float, dict[str, float]]:
+    """Seconds the runs' optimizer steps alone take at our measured step speed, spread over ``workers``
+    (``make=make_gemm_only``: at the speed of the step's matrix products alone)."""
     speeds: dict[str, float] = {}
     total = 0.0
     for cfg in runs:
         key = json.dumps({"model": cfg.to_dict()["model"], "batch": cfg.train.batch_size}, sort_keys=True)
         if key not in speeds:
-            speeds[key] = step_seconds(cfg)
+            speeds[key] = step_seconds(cfg, make=make)
         total += cfg.train.steps * speeds[key]
     return total / max(1, workers), speeds
+
+
+def matmul_floor(runs: list[ExperimentConfig], workers: int) -> float:
+    """The least wall time any implementation of the grid could take on this machine: training's and
+    evaluation's FLOPs at the speed this BLAS runs the step's own matrix products (``gemm_only``,
+    1 thread per worker), and nothing else (no elementwise op, analysis or notebook).
+
+    Why not the big matmul's rate: the step's products are small ([4096, 128] x [128, 512] ...) and
+    run slower than a 2048^3 one; ``bound`` ignores that, so ``floor / bound`` says how close to
+    ``bound`` a perfect implementation could get. Evaluation forwards are counted at the training
+    products' rate (their shapes are the forward's).
+    """
+    gemm_s, speeds = step_bound(runs, workers, make=make_gemm_only)
+    train_flops = sum(training_flops(c) for c in runs)
+    return gemm_s * (1 + sum(eval_flops(c) for c in runs) / train_flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +288,11 @@ def report(preset: str, wall: float | None, runs: list[ExperimentConfig], gflops
               f"{workers} worker(s); {', '.join(f'{1e3 * v:.0f} ms/step' for v in speeds.values())})   "
               f"wall / step bound {wall / sb:5.2f}")
         out |= {"step_bound_s": sb, "step_s": list(speeds.values()), "ratio_vs_step_bound": wall / sb}
+        floor = matmul_floor(runs, workers)
+        print(f"   matmul floor {floor:8.1f} s  = {floor / bound:.2f} x bound  (training + evaluation FLOPs at the "
+              f"speed of the step's own matmuls, nothing else: no implementation can beat it; "
+              f"the {TARGET_RATIO} x bound target is {'reachable in principle' if floor / bound <= TARGET_RATIO else 'NOT reachable here'})")
+        out |= {"matmul_floor_s": floor, "floor_over_bound": floor / bound}
     if breakdown:
         b = breakdown
         rows = [(k, v) for k, v in sorted(b["cells_s"].items(), key=lambda kv: -kv[1])]
