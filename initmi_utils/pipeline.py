@@ -3,8 +3,12 @@
     python -m initmi_utils.pipeline --preset quick [--schemes a,b] [--seeds 0,1]
         [--notebooks 01,02] [--workers N] [--root DIR] [--param name=value ...] [--force]
 
-Per-run notebooks (those whose ``parameters`` cell has ``init_scheme``) run in number order for
-each run; the others (07_compare) run once per preset after every run. Executed notebooks go to
+Per-run notebooks (those whose ``parameters`` cell has ``init_scheme``): each run's first selected
+notebook (01_train) runs before its others, which read only its checkpoints and so run in any order,
+on any free worker; the others (07_compare) run once per preset after every run. Workers take the
+ready job of highest priority: donors, then trainings, then analyses (``schedule``), so that the
+analyses, many and short, fill both workers at the end instead of one worker idling through the
+last run's training while the other analyses it. Executed notebooks go to
 ``<root>/data/runs/<preset>/<scheme>/seed<k>/notebooks/`` (per preset ones to
 ``<root>/data/runs/<preset>/notebooks/``), written atomically.
 
@@ -17,7 +21,7 @@ resolves to a Python other than the project's venv (the venv-kernel trap). We re
 kernelspec ``initmi`` whose argv is *this* interpreter and run every notebook with it.
 
 A failing notebook is reported with the path of its executed copy; the other runs go on, the
-run's later notebooks are skipped, and the exit status is 1.
+notebooks that depend on it are skipped (blocked), and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from initmi_utils import __version__
 from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment
@@ -238,7 +242,8 @@ def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Note
             for nb in (n for n in notebooks if n.per_run):
                 params = {"init_scheme": scheme, "seed": seed, "preset": preset, "root": str(root)}
                 params.update({k: v for k, v in extra.items() if k in nb.parameters})
-                chain.append(Job(nb, paths.notebooks / nb.path.name, params, depends=chain[-1:]))
+                # The analyses read the first notebook's checkpoints, never each other's tables.
+                chain.append(Job(nb, paths.notebooks / nb.path.name, params, depends=chain[:1]))
             chains.append(chain)
     finals = []
     all_runs = [j for c in chains for j in c]
@@ -246,8 +251,56 @@ def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Note
         params = {k: v for k, v in {"preset": preset, "root": str(root), "seeds": list(seeds), **extra}.items()
                   if k in nb.parameters}
         finals.append(Job(nb, root / "data" / "runs" / preset / "notebooks" / nb.path.name, params,
-                          depends=[j for c in chains for j in c[-1:]] if all_runs else []))
+                          depends=all_runs))
     return chains, finals
+
+
+def priority_order(chains: list[list[Job]]) -> list[Job]:
+    """Every run's first notebook (training, minutes), then the others (analyses, seconds) run by run."""
+    return [c[0] for c in chains if c] + [j for c in chains for j in c[1:]]
+
+
+def schedule(tasks: list, depends: Callable[[object], list], run: Callable[[object], None], workers: int) -> None:
+    """Run ``tasks`` on ``workers`` threads: each free worker takes the first task in list order
+    whose ``depends(task)`` have all finished (list order = priority). Returns when all are done.
+
+    Why not ``pool.map`` over per-run chains: a chain keeps its worker for a whole run, so at the
+    end of a grid one worker trains the last run while the other, done, idles; here the last
+    run's analyses spread over every worker and the idle tail is one notebook at most.
+    """
+    pending, finished = list(tasks), set()
+    cond = threading.Condition()
+    failure: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with cond:
+                while True:
+                    if failure or not pending:
+                        return
+                    ready = next((t for t in pending if all(id(d) in finished for d in depends(t))), None)
+                    if ready is not None:
+                        pending.remove(ready)
+                        break
+                    cond.wait()
+            try:
+                run(ready)
+            except BaseException as e:  # a bug in the runner itself: stop handing out work, raise it below
+                with cond:
+                    failure.append(e)
+                    cond.notify_all()
+                return
+            with cond:
+                finished.add(id(ready))
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, name=f"initmi-worker-{i}") for i in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failure:
+        raise failure[0]
 
 
 def _parse_value(text: str):
@@ -339,10 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    def run_chain(chain: list[Job]) -> None:
-        for job in chain:
-            execute(job, kernel, log, warm_kernel())
-
     donors = [DonorJob(a.preset, seed, root) for seed in seeds] if needs_donor(schemes, selected) else []
     failed_donors: list[DonorJob] = []
 
@@ -351,13 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             if not task.run(log):
                 failed_donors.append(task)
         else:
-            run_chain(task)
+            execute(task, kernel, log, warm_kernel())
 
     try:
-        with ThreadPoolExecutor(max_workers=a.workers) as pool:
-            # Donors first: a worker trains a donor while the others start on runs, instead of two
-            # workers reaching the donor's lock together and one of them idling until it is trained.
-            list(pool.map(run_task, [*donors, *chains]))
+        # Donors first: a worker trains a donor while the others start on runs, instead of two
+        # workers reaching the donor's lock together and one of them idling until it is trained.
+        schedule([*donors, *priority_order(chains)], lambda t: getattr(t, "depends", []), run_task, a.workers)
         for job in finals:
             # The comparison runs even when some runs failed: its report names the missing runs.
             job.depends = [j for j in job.depends if j.status not in ("failed", "blocked")]
