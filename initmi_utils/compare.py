@@ -27,7 +27,7 @@ cross-run comparison of heads is therefore invariant to permuting heads within a
 (profiles sorted within layer, roles compared as counts per layer).
 
 RQ2 opens with the copying mechanism of every run at the matched checkpoint
-(``offsets.mechanism_labels``: classic induction, long-offset recall or none) and induction accuracy
+(``offsets.mechanism_labels``: classic induction, shifted induction, long-offset recall or none) and induction accuracy
 on short vs long copies (``behavior.copy_distance_stats``): two runs can reach the same loss by
 different circuits, and these two numbers tell which.
 
@@ -55,6 +55,7 @@ from initmi_utils import plots
 from initmi_utils.behavior import emergence_step
 from initmi_utils.config import PRESET_SEEDS, PRESETS, RunPaths, experiment
 from initmi_utils.geometry import linear_cka
+from initmi_utils.offsets import REPORT_ORDER
 from initmi_utils.report import Section, write_report
 from initmi_utils.tables import COLUMNS, read_table
 
@@ -901,8 +902,10 @@ def _scalar_tests(scalars: pd.DataFrame, schemes: Sequence[str], n_boot: int, n_
 
 
 MECHANISM_SENTENCE = (
-    "Two copying mechanisms reach similar losses: classic induction, where a layer-0 previous-token head lets a "
-    "layer-1 induction head attend to the token right after the earlier copy of the current token and copy it, "
+    "Three copying mechanisms reach similar losses: classic induction, where a layer-0 previous-token head lets a "
+    "layer-1 induction head attend to the token right after the earlier copy of the current token and copy it; "
+    "shifted induction, where the layer-1 head attends one token further (+2) and reads the token to copy there "
+    "through a layer-0 head that looks one back; "
     "and long-offset recall, where a layer-0 head looking ~12-14 positions back lets a layer-1 head attend ~12-14 "
     "positions after the earlier copy, read the tokens around it and keep the one that is not recent, which "
     "fails when the two copies are fewer than ~12 positions apart.")
@@ -913,7 +916,7 @@ COPY_DISTANCE_METRICS = {"val_acc_induction_short": "short copies (< 12 apart)",
 def mechanism_counts(labels: pd.DataFrame, schemes: Sequence[str]) -> pd.DataFrame:
     """Per scheme: n runs and, for every label of ``offsets.MECHANISMS``, runs with it (k/n)."""
     return _runs_with(labels, schemes, {m: (lambda g, m=m: g.mechanism == m)
-                                        for m in ("classic_induction", "long_offset_recall", "none")})
+                                        for m in REPORT_ORDER})
 
 
 def copy_distance_accuracy(behavior: pd.DataFrame) -> pd.DataFrame:
@@ -956,6 +959,8 @@ def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: st
         sec.table(res.tables[f"{key}_mechanism_counts"],
                   f"{label}: copying mechanism per scheme, runs with each label (k/n; offsets.classify_mechanism: "
                   f"classic_induction = a layer-1 head with ≥ 0.3 attention on +1 from the earlier copy; "
+                  f"shifted_induction = else a layer-1 head with ≥ 0.3 on +2 and ≥ 0.25 on offsets 0/+1 when rolled "
+                  f"back through a layer-0 head; "
                   f"long_offset_recall = else a layer-1 head with < 0.1 within ±3 of the copy and ≥ 0.25 on offsets "
                   f"0/+1 when rolled back through a layer-0 head).")
         sec.table(res.tables[f"{key}_mechanism_labels"],
@@ -1261,7 +1266,7 @@ def headline(study: Study, r1: Result, r2: Result) -> Result:
         for s, g in counts.groupby("scheme"):
             k = g.mechanism.value_counts()
             rows[s]["copying mechanism (step-matched)"] = " · ".join(
-                f"{m} {int(k.get(m, 0))}" for m in ("classic_induction", "long_offset_recall", "none")) + f" (n={len(g)})"
+                f"{m} {int(k.get(m, 0))}" for m in REPORT_ORDER) + f" (n={len(g)})"
     roles = r2.tables.get("step_roles")
     if roles is not None and len(roles):
         for s, g in roles.groupby("scheme"):

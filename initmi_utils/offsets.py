@@ -21,6 +21,14 @@ would hold "A was ~13 back" lies in the query's future): ``behavior.copy_distanc
 that failure directly. Measured in the quick preset (5 seeds): the ``seeded`` donors of seeds 1-3
 and their ``seeded`` students use it (README, "Findings so far").
 
+A third circuit, *shifted induction*, appeared in the full preset (``scaled_residual``, seed 1,
+step 6000; val induction accuracy 0.95): its layer-1 head attends to offset **+2** from the
+earlier copy (0.81 of its mass), the token after ``B``, and reads ``B`` there through layer-0
+heads that look back one position (V-composition), its key matching ``A`` through heads that
+look back two (K-composition). Its induction score (+1) is 0.07, so it is neither classic nor
+recall by the rules below without a rule of its own. Mean-ablating that head drops accuracy on
+BOS + A + A by 0.89; no single layer-0 head's K or V path alone removes it (the most: 0.95 -> 0.75).
+
 So we measure two profiles:
 
 - ``copy_offset_profile``: for each query whose token occurred earlier at index ``i``, the
@@ -37,7 +45,8 @@ Both must be measured on data where the copy distance *varies* (``val``): on BOS
 distance is always ``rep_len``, and a long-offset recall head is indistinguishable from a
 positional head attending ``rep_len - 13`` back. ``offset_table`` computes the profiles and a
 per-head summary from one forward pass; ``classify_mechanism`` labels a checkpoint
-``classic_induction``, ``long_offset_recall`` or ``none`` from that summary (thresholds below).
+``classic_induction``, ``shifted_induction``, ``long_offset_recall`` or ``none`` from that summary
+(thresholds below).
 
 Why by hand: neither TransformerLens's ``head_detector`` (fixed detection patterns, one offset)
 nor its ``patching`` (causal effects, not attention geometry) measures mass at arbitrary offsets
@@ -173,17 +182,20 @@ COMPOSED_OFFSETS = tuple(range(-3, 4))  # composed attention lands on the copy i
 NEAR = tuple(range(-3, 4))  # "near the copy": a recall head puts < 0.01 on each of these
 FAR = tuple(range(10, 17))  # where a recall head's direct attention sits (0.77-0.97 of its mass)
 
-MECHANISMS = ("none", "classic_induction", "long_offset_recall")  # ``mechanism`` rows: value = index here
+MECHANISMS = ("none", "classic_induction", "long_offset_recall", "shifted_induction")  # ``mechanism`` rows: value = index here
+REPORT_ORDER = ("classic_induction", "shifted_induction", "long_offset_recall", "none")  # order in the report
 # Thresholds of ``classify_mechanism``, set from the 5-seed quick grid's final checkpoints (64 val
 # sequences): induction heads put 0.85-0.93 on +1, every other layer-1 head <= 0.19; recall heads put
 # <= 0.01 on each offset within +-3 and 0.51-0.59 (their donors from 0.31) on {0, +1} composed, heads
 # of runs without induction <= 0.14. The mimetic runs' duplicate-token heads reach 0.74 composed but
 # hold 0.2-0.7 on offset 0 directly: RECALL_MAX_NEAR is what keeps them out.
 CLASSIC_MIN_PLUS1 = 0.3  # direct mass on +1 that makes a head an induction head
+SHIFTED_MIN_PLUS2 = 0.3  # direct mass on +2 that makes a head a shifted induction head (with RECALL_MIN_COMPOSED)
 RECALL_MIN_COMPOSED = 0.25  # composed mass on offsets {0, +1} that makes a head a recall head ...
 RECALL_MAX_NEAR = 0.1  # ... provided its direct mass at every offset within +-3 of the copy stays below this
 
-SUMMARY_METRICS = ("copy_offset_plus1", "copy_offset_near_max", "copy_offset_far", "composed_copy_mass")
+SUMMARY_METRICS = ("copy_offset_plus1", "copy_offset_plus2", "copy_offset_near_max", "copy_offset_far",
+                   "composed_copy_mass")
 
 
 def induction_queries(target: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
@@ -218,7 +230,7 @@ def offset_table(
     - ``copy_offset_mass`` (per layer, head, ``offset``): ``copy_offset_profile``;
     - ``composed_copy_offset_mass`` (per later head ``layer, head`` and earlier head
       ``source_layer, source_head``, ``offset``): ``composed_copy_offset_profile``, every pair of layers;
-    - summary per head of layer >= 1: ``copy_offset_plus1`` (direct mass on +1),
+    - summary per head of layer >= 1: ``copy_offset_plus1`` and ``copy_offset_plus2`` (direct mass on +1, +2),
       ``copy_offset_near_max`` (largest direct mass on one offset in -3..+3), ``copy_offset_far``
       (direct mass summed over +10..+16), ``composed_copy_mass`` (composed mass on {0, +1}, the
       largest over earlier heads, which ``source_layer``/``source_head`` name);
@@ -247,6 +259,7 @@ def offset_table(
             on_copy[dst] = torch.where(better, best.where(best >= 0, torch.tensor(float("nan"))), on_copy[dst])
             source[dst] = torch.where(better[:, None], torch.stack([torch.full_like(arg, src), arg], -1), source[dst])
     summary = {"copy_offset_plus1": _mass(direct, direct_offsets, (1,), "sum"),
+               "copy_offset_plus2": _mass(direct, direct_offsets, (2,), "sum"),
                "copy_offset_near_max": _mass(direct, direct_offsets, NEAR, "max"),
                "copy_offset_far": _mass(direct, direct_offsets, FAR, "sum"),
                "composed_copy_mass": on_copy}
@@ -281,6 +294,7 @@ def _grid_frame(t: Float[Tensor, "a b offset"], metric: str, offsets: Sequence[i
 def classify_mechanism(
     summary: pd.DataFrame,
     classic_min_plus1: float = CLASSIC_MIN_PLUS1,
+    shifted_min_plus2: float = SHIFTED_MIN_PLUS2,
     recall_min_composed: float = RECALL_MIN_COMPOSED,
     recall_max_near: float = RECALL_MAX_NEAR,
 ) -> dict:
@@ -288,6 +302,11 @@ def classify_mechanism(
 
     - ``classic_induction``: some head of layer >= 1 puts >= ``classic_min_plus1`` of its
       attention on offset +1 from the earlier copy (the deciding head: the largest such mass);
+    - ``shifted_induction``: otherwise, some head of layer >= 1 puts >= ``shifted_min_plus2`` on
+      offset +2 (the token after the one to predict) *and*, rolled back through some earlier head,
+      >= ``recall_min_composed`` on offsets {0, +1}: it reads the copy's successor where an earlier
+      head moved it (deciding: the largest +2 mass). Without the composed condition a head that
+      merely attends two after the copy would count;
     - ``long_offset_recall``: otherwise, some head of layer >= 1 whose direct mass stays below
       ``recall_max_near`` at *every* offset within +-3 of the copy (so neither an induction nor a
       duplicate-token head) has composed mass on offsets {0, +1} >= ``recall_min_composed``
@@ -312,6 +331,14 @@ def classify_mechanism(
     if classic:
         (layer, head), score = max(classic.items(), key=lambda kv: kv[1])
         return dict(out, label="classic_induction", layer=layer, head=head, score=score)
+    shifted = {k: h.get("copy_offset_plus2", nan) for k, h in heads.items()
+               if h.get("composed_copy_mass", nan) >= recall_min_composed}
+    shifted = {k: v for k, v in shifted.items() if v >= shifted_min_plus2}
+    if shifted:
+        (layer, head), score = max(shifted.items(), key=lambda kv: kv[1])
+        src_layer, src_head = heads[(layer, head)].get("source", (-1, -1))
+        return dict(out, label="shifted_induction", layer=layer, head=head, source_layer=src_layer,
+                    source_head=src_head, score=score)
     recall = {k: h.get("composed_copy_mass", nan) for k, h in heads.items()
               if h.get("copy_offset_near_max", nan) < recall_max_near}
     recall = {k: v for k, v in recall.items() if v >= recall_min_composed}

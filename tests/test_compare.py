@@ -355,7 +355,7 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     texts = " ".join(str(b.content) for b in r2.section.blocks if b.kind == "text")
     assert C.MECHANISM_SENTENCE in texts
     head = C.headline(study, r1, r2).tables["headline"].set_index("scheme")
-    assert head.loc["seeded", "copying mechanism (step-matched)"].startswith("classic_induction 2 · long_offset_recall 3")
+    assert head.loc["seeded", "copying mechanism (step-matched)"].startswith("classic_induction 2 · shifted_induction 0 · long_offset_recall 3")
     r3 = C.rq3(study, r1.tables["emergence"], early_fraction=500 / HORIZON, n_perm=500)
     corr = r3.tables["early_correlation"].set_index("feature")
     assert corr.loc["resid_norm L0", "rho"] == pytest.approx(1.0) and corr.loc["resid_norm L0", "p"] < 0.01

@@ -162,6 +162,7 @@ from initmi_utils.offsets import (  # noqa: E402
     MECHANISMS,
     RECALL_MAX_NEAR,
     RECALL_MIN_COMPOSED,
+    SHIFTED_MIN_PLUS2,
     classify_mechanism,
     induction_queries,
     mechanism_labels,
@@ -265,6 +266,35 @@ def test_a_recall_head_next_to_an_induction_head_is_classic():
     assert lab["label"] == "classic_induction" and (lab["layer"], lab["head"]) == (1, 1)
 
 
+def _shifted_patterns(tokens: torch.Tensor, layer0: str) -> torch.Tensor:
+    """[layer=2, batch, head=2, q, k]: L1H0 at a query whose token occurred at i attends to i + 2
+    (the token after the one to copy), L1H1 is uniform; L0H0 attends to the previous token
+    (``layer0="previous"``: it moves the token to copy to i + 2) or to itself (``"self"``)."""
+    batch, n = tokens.shape
+    q = torch.arange(n).expand(batch, n)
+    src = earlier_copy_index(tokens)
+    l0h0 = _one_hot_rows((q - 1).clamp(min=0) if layer0 == "previous" else q, n)
+    l1h0 = _one_hot_rows(torch.where((src >= 0) & (src + 2 <= q), src + 2, 0), n)
+    uniform = _uniform(batch, 1, 1, n)[0, :, 0]
+    return torch.stack([torch.stack([l0h0, _one_hot_rows(q, n)], 1), torch.stack([l1h0, uniform], 1)])
+
+
+def test_a_head_two_after_the_copy_reading_through_a_previous_token_head_is_shifted_induction():
+    b = copy_batch(range(8, 21), n_ctx=40)
+    lab = _label(_shifted_patterns(b.tokens, "previous"), b.tokens, induction_queries(b.target))
+    assert lab["label"] == "shifted_induction"
+    assert (lab["layer"], lab["head"], lab["source_layer"], lab["source_head"]) == (1, 0, 0, 0)
+    assert lab["score"] == pytest.approx(1.0)
+    plus1 = lab["table"].query("metric == 'copy_offset_plus1' and layer == 1 and head == 0").value.item()
+    assert plus1 == 0.0  # invisible to the induction score
+
+
+def test_a_head_two_after_the_copy_with_nothing_moving_the_token_there_is_none():
+    b = copy_batch(range(8, 21), n_ctx=40)
+    lab = _label(_shifted_patterns(b.tokens, "self"), b.tokens, induction_queries(b.target))
+    assert lab["label"] == "none", lab
+
+
 @pytest.mark.parametrize("case", ["uniform", "previous_token_only", "duplicate_through_self"])
 def test_no_copying_head_is_none(case):
     b = copy_batch(range(8, 21), n_ctx=40)
@@ -286,10 +316,11 @@ def test_no_copying_head_is_none(case):
     assert (lab["layer"], lab["head"]) == (-1, -1)
 
 
-def _summary(plus1: float, near: float, composed: float, layer: int = 1, head: int = 0):
+def _summary(plus1: float, near: float, composed: float, layer: int = 1, head: int = 0, plus2: float = 0.0):
     import pandas as pd
 
     return pd.DataFrame([dict(layer=layer, head=head, metric="copy_offset_plus1", value=plus1),
+                         dict(layer=layer, head=head, metric="copy_offset_plus2", value=plus2),
                          dict(layer=layer, head=head, metric="copy_offset_near_max", value=near),
                          dict(layer=layer, head=head, metric="composed_copy_mass", value=composed,
                               source_layer=0, source_head=1)])
@@ -307,6 +338,14 @@ def test_thresholds_are_where_the_docstring_says():
     assert classify_mechanism(_summary(0.0, 0.0, 0.6), recall_min_composed=0.7)["label"] == "none"
     lab = classify_mechanism(_summary(0.0, 0.0, 0.5))
     assert (lab["source_layer"], lab["source_head"], lab["score"]) == (0, 1, 0.5)
+    # shifted induction: +2 and composed, checked before recall (its +2 mass is near the copy)
+    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED, plus2=SHIFTED_MIN_PLUS2))["label"] == "shifted_induction"
+    assert classify_mechanism(_summary(0.0, 0.0, 0.6, plus2=SHIFTED_MIN_PLUS2))["label"] == "shifted_induction"
+    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED, plus2=SHIFTED_MIN_PLUS2 - e))["label"] == "none"
+    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED - e, plus2=0.9))["label"] == "none"
+    assert classify_mechanism(_summary(CLASSIC_MIN_PLUS1, 0.9, 0.9, plus2=0.9))["label"] == "classic_induction"
+    lab = classify_mechanism(_summary(0.0, 0.9, 0.5, plus2=0.8))
+    assert (lab["source_layer"], lab["source_head"], lab["score"]) == (0, 1, 0.8)
 
 
 def test_mechanism_labels_per_run_and_step():
