@@ -97,13 +97,16 @@ def _geometry(scheme: str, seed: int) -> pd.DataFrame:
 
 
 RECALL = ("seeded", (1, 2, 3))  # planted long-offset recall runs (as in the quick grid)
+SHIFTED = ("mimetic", (1,))  # a planted shifted-induction run, once it has emerged (as scaled_residual-s1 in full)
 
 
 def planted_mechanism(scheme: str, seed: int, step: int) -> str:
     if scheme == RECALL[0] and seed in RECALL[1]:
         return "long_offset_recall"
     te = planted_emergence(scheme, seed)
-    return "classic_induction" if not math.isnan(te) and step >= te else "none"
+    if math.isnan(te) or step < te:
+        return "none"
+    return "shifted_induction" if scheme == SHIFTED[0] and seed in SHIFTED[1] else "classic_induction"
 
 
 def _offsets(scheme: str, seed: int) -> pd.DataFrame:
@@ -115,15 +118,18 @@ def _offsets(scheme: str, seed: int) -> pd.DataFrame:
         for head in range(4):
             mine = head == (seed + 1) % 4
             plus1 = 0.85 if (mine and m == "classic_induction") else 0.02
-            comp = 0.55 if (mine and m == "long_offset_recall") else 0.05
-            for metric, v in [("copy_offset_plus1", plus1), ("copy_offset_near_max", plus1), ("composed_copy_mass", comp)]:
+            plus2 = 0.8 if (mine and m == "shifted_induction") else 0.02
+            comp = 0.55 if (mine and m in ("long_offset_recall", "shifted_induction")) else 0.05
+            for metric, v in [("copy_offset_plus1", plus1), ("copy_offset_plus2", plus2),
+                              ("copy_offset_near_max", max(plus1, plus2)), ("composed_copy_mass", comp)]:
                 rows.append(dict(step=t, layer=1, head=head, metric=metric, value=v, source_layer=0, source_head=seed % 4))
     return pd.DataFrame(rows)
 
 
 def _behavior(scheme: str, seed: int) -> pd.DataFrame:
     """Accuracy on short / long copies: classic copies at both, recall only at long, none at neither."""
-    acc = {"classic_induction": (0.9, 0.92), "long_offset_recall": (0.05, 0.9), "none": (0.02, 0.02)}
+    acc = {"classic_induction": (0.9, 0.92), "shifted_induction": (0.88, 0.95), "long_offset_recall": (0.05, 0.9),
+           "none": (0.02, 0.02)}
     rows = []
     for t in CKPT_STEPS:
         short, long = acc[planted_mechanism(scheme, seed, t)]
@@ -346,6 +352,7 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     counts = r2.tables["step_mechanism_counts"].set_index("scheme")
     assert counts.loc["seeded", "long_offset_recall"] == "3/5" and counts.loc["seeded", "classic_induction"] == "2/5"
     assert counts.loc[NEVER, "none"] == "5/5" and counts.loc["kaiming", "n"] == 4
+    assert counts.loc["mimetic", "shifted_induction"] == "1/5" and counts.loc["mimetic", "classic_induction"] == "4/5"
     acc = r2.tables["step_copy_distance_accuracy"].set_index(["metric", "scheme"])
     short = acc.loc[("val_acc_induction_short", "seeded")]
     assert short["mean"] == pytest.approx((0.9 + 0.05 * 3 + 0.9 + 0.01 * (0 + 1 + 2 + 3 + 4)) / 5)
@@ -356,6 +363,7 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     assert C.MECHANISM_SENTENCE in texts
     head = C.headline(study, r1, r2).tables["headline"].set_index("scheme")
     assert head.loc["seeded", "copying mechanism (step-matched)"].startswith("classic_induction 2 · shifted_induction 0 · long_offset_recall 3")
+    assert head.loc["mimetic", "copying mechanism (step-matched)"].startswith("classic_induction 4 · shifted_induction 1 ·")
     r3 = C.rq3(study, r1.tables["emergence"], early_fraction=500 / HORIZON, n_perm=500)
     corr = r3.tables["early_correlation"].set_index("feature")
     assert corr.loc["resid_norm L0", "rho"] == pytest.approx(1.0) and corr.loc["resid_norm L0", "p"] < 0.01
