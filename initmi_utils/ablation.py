@@ -10,6 +10,9 @@
   ``blocks.{l}.hook_resid_pre``), per head and per (layer, position relative to the query),
   normalised so that 0 = corrupted run and 1 = clean run.
 - ``localisation``: how concentrated an effect is over heads (top-1 share, entropy).
+- ``path_ablation_effects``: one earlier head mean-ablated in only the Q, K or V input of one
+  later head: which path a composition runs through (K for classic induction; V too for the
+  shifted-induction and long-offset-recall circuits).
 
 Every function takes the bridge and data, runs under ``torch.no_grad`` and returns a tidy long
 frame; ``layer``/``head`` always name the head a value is *about* (for an effect, the ablated or
@@ -264,3 +267,73 @@ def localisation_table(effects: pd.DataFrame, sources: tuple[str, ...]) -> pd.Da
             rows.append({"layer": -1, "head": -1, "metric": metric, "value": value, "source": source,
                          "top_layer": top[0], "top_head": top[1]})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path ablation: one earlier head removed from one input (Q, K or V) of one later head.
+
+PATH_INPUTS = ("q", "k", "v")
+
+
+def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
+                          inputs: tuple[str, ...] = PATH_INPUTS) -> pd.DataFrame:
+    """Which input of head ``dst`` = (layer, head) each earlier head reaches it through.
+
+    For every head (l, h) of an earlier layer and every input ``c`` in ``inputs``, (l, h)'s output
+    is replaced by its mean over the batch at each position (as ``ablation_effects``' ``mean``)
+    in the residual stream that feeds ``dst``'s ``c`` alone; every other head and input sees the
+    clean stream. Rows at (layer, head) = (l, h), ``ablated_layer/head`` = ``dst``: metric
+    ``path_{c}_{loss,acc,logit_diff}_delta`` (ablated minus clean, on ``batch``'s induction
+    targets). A classic induction head loses its accuracy through K only (its previous-token head
+    sets the key); a shifted-induction or long-offset-recall head also through V (README).
+
+    Why by hand: TransformerLens 4.x's native bridge (``AttentionBridge``) has no split Q/K/V
+    input hooks (``set_use_split_qkv_input`` raises ``NotImplementedError``), so ``dst``'s q, k or
+    v is recomputed from the cached ``hook_resid_pre`` with the source head's contribution
+    replaced, through ``model``'s (the bridge's source) LayerNorm and weights, and written into
+    the bridge's ``blocks.{layer}.attn.hook_{c}``.
+    """
+    bad = sorted(set(inputs) - set(PATH_INPUTS))
+    if bad:
+        raise ValueError(f"unknown input(s) {bad}; choose from {PATH_INPUTS}.")
+    dst_layer, dst_head = dst
+    if not 1 <= dst_layer < model.cfg.n_layers or not 0 <= dst_head < model.cfg.n_heads:
+        raise ValueError(f"dst={dst} must be a head of layer 1..{model.cfg.n_layers - 1} (an earlier layer must exist).")
+    tokens, block, rows = batch.tokens, model.blocks[dst_layer], []
+    resid_name = f"blocks.{dst_layer}.hook_resid_pre"
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(tokens, names_filter=[resid_name] + [z_name(l) for l in range(dst_layer)])
+        clean = next_token_stats(logits, batch)
+        resid = cache[resid_name]
+        for layer in range(dst_layer):
+            for head in range(model.cfg.n_heads):
+                out = cache[z_name(layer)][:, :, head] @ model.blocks[layer].attn.W_O[head]  # [batch pos d_model]
+                x = block.ln1(resid - out + out.mean(0))
+                for c in inputs:
+                    W, b = getattr(block.attn, f"W_{c.upper()}")[dst_head], getattr(block.attn, f"b_{c.upper()}")[dst_head]
+                    new = x @ W + b
+
+                    def patch(act, hook, new=new):
+                        act = act.clone()
+                        act[:, :, dst_head] = new
+                        return act
+
+                    with bridge.hooks(fwd_hooks=[(f"blocks.{dst_layer}.attn.hook_{c}", patch)]):
+                        stats = next_token_stats(bridge(tokens), batch)
+                    for short, key in _STAT_NAMES.items():
+                        rows.append({"layer": layer, "head": head, "metric": f"path_{c}_{short}_delta",
+                                     "value": float(stats[key] - clean[key]),
+                                     "ablated_layer": dst_layer, "ablated_head": dst_head})
+    return pd.DataFrame(rows)
+
+
+def mechanism_paths(model, bridge, val: Batch, rep: Batch) -> pd.DataFrame:
+    """``path_ablation_effects`` (on ``rep``) into the head that decides the checkpoint's copying
+    mechanism (``offsets.model_mechanism`` on ``val``, where the copy distance varies), with its
+    label in a ``mechanism`` column; no rows when the label is ``none`` (no such head)."""
+    from initmi_utils.offsets import model_mechanism
+
+    label = model_mechanism(model, val)
+    if label["layer"] < 1:
+        return pd.DataFrame(columns=["layer", "head", "metric", "value", "ablated_layer", "ablated_head", "mechanism"])
+    return path_ablation_effects(model, bridge, rep, (label["layer"], label["head"])).assign(mechanism=label["label"])

@@ -27,7 +27,8 @@ earlier copy (0.81 of its mass), the token after ``B``, and reads ``B`` there th
 heads that look back one position (V-composition), its key matching ``A`` through heads that
 look back two (K-composition). Its induction score (+1) is 0.07, so it is neither classic nor
 recall by the rules below without a rule of its own. Mean-ablating that head drops accuracy on
-BOS + A + A by 0.89; no single layer-0 head's K or V path alone removes it (the most: 0.95 -> 0.75).
+BOS + A + A by 0.89; no single layer-0 head's K or V path alone removes it
+(``ablation.path_ablation_effects``: -0.26 through L0H3's K, -0.24 through its V, the largest).
 
 So we measure two profiles:
 

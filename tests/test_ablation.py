@@ -15,6 +15,8 @@ from initmi_utils.ablation import (
     localisation,
     localisation_table,
     patching_effects,
+    mechanism_paths,
+    path_ablation_effects,
     subset_pairs,
 )
 from initmi_utils.handbuilt import handbuilt_dataset, handbuilt_experiment, induction_model
@@ -142,3 +144,58 @@ def test_batched_ablations_equal_one_forward_per_head():
     batched = ablation_effects(bridge, ds.rep)
     one_by_one = ablation_effects(bridge, ds.rep, max_batch=4)
     pd.testing.assert_frame_equal(batched, one_by_one, atol=1e-4, rtol=1e-4)
+
+
+def test_the_previous_token_head_reaches_the_induction_head_through_its_key_only():
+    model, roles = induction_model()
+    ds = handbuilt_dataset(handbuilt_experiment(n_diagnostic=32))
+    df = path_ablation_effects(model, to_bridge(model), ds.rep, roles.induction)
+    assert set(df.ablated_layer) == {roles.induction[0]} and set(df.ablated_head) == {roles.induction[1]}
+    acc = {c: _per_head(df, f"path_{c}_acc_delta") for c in "qkv"}
+    assert acc["k"][roles.prev_token] < -0.5  # the key says "the previous token was A"
+    assert abs(acc["q"][roles.prev_token]) < 0.05 and abs(acc["v"][roles.prev_token]) < 0.05
+    for c in "qkv":  # no other layer-0 head feeds the induction head
+        assert all(abs(v) < 0.05 for h, v in acc[c].items() if h != roles.prev_token), (c, acc[c])
+    assert _per_head(df, "path_k_logit_diff_delta")[roles.prev_token] < -1.0
+
+
+def test_path_ablation_of_a_single_sequence_changes_nothing():
+    # With one sequence the mean over the batch is the head's own output: the recomputed q, k and v
+    # must then equal the bridge's own, so every delta is 0 (a wrong LayerNorm, weight or bias would
+    # not be: the biases and LayerNorm parameters are made non-trivial first).
+    model, roles = induction_model()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.split(".")[-1].startswith("b_"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ds = handbuilt_dataset(handbuilt_experiment(n_diagnostic=32))
+    one = type(ds.rep)(*(t[:1] for t in (ds.rep.tokens, ds.rep.target, ds.rep.distractor)))
+    df = path_ablation_effects(model, to_bridge(model), one, roles.induction)
+    assert len(df) == 4 * 3 * 3 and df.value.abs().max() < 1e-4
+
+
+def test_path_ablation_refuses_a_head_without_earlier_layers_or_an_unknown_input():
+    model, _ = induction_model()
+    ds = handbuilt_dataset(handbuilt_experiment(n_diagnostic=8))
+    with pytest.raises(ValueError, match="layer 1"):
+        path_ablation_effects(model, to_bridge(model), ds.rep, (0, 1))
+    with pytest.raises(ValueError, match="unknown input"):
+        path_ablation_effects(model, to_bridge(model), ds.rep, (1, 2), inputs=("o",))
+
+
+def test_mechanism_paths_follow_the_deciding_head_and_are_empty_without_one(tmp_path):
+    model, roles = induction_model()
+    ds = handbuilt_dataset(handbuilt_experiment(n_diagnostic=32))
+    df = mechanism_paths(model, to_bridge(model), ds.val, ds.rep)
+    assert set(df.mechanism) == {"classic_induction"}
+    assert (int(df.ablated_layer.iloc[0]), int(df.ablated_head.iloc[0])) == roles.induction
+    assert _per_head(df, "path_k_acc_delta")[roles.prev_token] < -0.5
+    from initmi_utils.config import experiment
+    from initmi_utils.data import load_dataset
+    from initmi_utils.schemes import build_model
+
+    cfg = experiment("smoke", "normal", 0)
+    untrained = build_model(cfg)
+    smoke = load_dataset(cfg, tmp_path)
+    assert mechanism_paths(untrained, to_bridge(untrained), smoke.val, smoke.rep).empty
