@@ -327,27 +327,23 @@ def classify_mechanism(
             h["source"] = (int(r.source_layer), int(r.source_head))
     out = dict(label="none", layer=-1, head=-1, source_layer=-1, source_head=-1, score=math.nan)
     nan = math.nan
-    classic = {k: h.get("copy_offset_plus1", nan) for k, h in heads.items()}
-    classic = {k: v for k, v in classic.items() if v >= classic_min_plus1}  # nan compares False
-    if classic:
-        (layer, head), score = max(classic.items(), key=lambda kv: kv[1])
-        return dict(out, label="classic_induction", layer=layer, head=head, score=score)
-    shifted = {k: h.get("copy_offset_plus2", nan) for k, h in heads.items()
-               if h.get("composed_copy_mass", nan) >= recall_min_composed}
-    shifted = {k: v for k, v in shifted.items() if v >= shifted_min_plus2}
-    if shifted:
-        (layer, head), score = max(shifted.items(), key=lambda kv: kv[1])
-        src_layer, src_head = heads[(layer, head)].get("source", (-1, -1))
-        return dict(out, label="shifted_induction", layer=layer, head=head, source_layer=src_layer,
-                    source_head=src_head, score=score)
-    recall = {k: h.get("composed_copy_mass", nan) for k, h in heads.items()
-              if h.get("copy_offset_near_max", nan) < recall_max_near}
-    recall = {k: v for k, v in recall.items() if v >= recall_min_composed}
-    if recall:
-        (layer, head), score = max(recall.items(), key=lambda kv: kv[1])
-        src_layer, src_head = heads[(layer, head)].get("source", (-1, -1))
-        return dict(out, label="long_offset_recall", layer=layer, head=head, source_layer=src_layer,
-                    source_head=src_head, score=score)
+    rules = (  # (label, the deciding score, whether a head qualifies, whether to name its composing head)
+        ("classic_induction", "copy_offset_plus1",
+         lambda h: h.get("copy_offset_plus1", nan) >= classic_min_plus1, False),  # nan compares False
+        ("shifted_induction", "copy_offset_plus2",
+         lambda h: h.get("copy_offset_plus2", nan) >= shifted_min_plus2
+         and h.get("composed_copy_mass", nan) >= recall_min_composed, True),
+        ("long_offset_recall", "composed_copy_mass",
+         lambda h: h.get("copy_offset_near_max", nan) < recall_max_near
+         and h.get("composed_copy_mass", nan) >= recall_min_composed, True),
+    )
+    for label, metric, qualifies, composed in rules:
+        found = {k: h[metric] for k, h in heads.items() if qualifies(h)}
+        if found:
+            (layer, head), score = max(found.items(), key=lambda kv: kv[1])
+            src_layer, src_head = heads[(layer, head)].get("source", (-1, -1)) if composed else (-1, -1)
+            return dict(out, label=label, layer=layer, head=head, source_layer=src_layer, source_head=src_head,
+                        score=score)
     return out
 
 
