@@ -11,8 +11,8 @@
   normalised so that 0 = corrupted run and 1 = clean run.
 - ``localisation``: how concentrated an effect is over heads (top-1 share, entropy).
 - ``path_ablation_effects``: one earlier head mean-ablated in only the Q, K or V input of one
-  later head: which path a composition runs through (K for classic induction; V too for the
-  shifted-induction and long-offset-recall circuits).
+  later head: which path a composition runs through (K: the match with the earlier copy; V: the
+  copied token read from an earlier head's output).
 
 Every function takes the bridge and data, runs under ``torch.no_grad`` and returns a tidy long
 frame; ``layer``/``head`` always name the head a value is *about* (for an effect, the ablated or
@@ -284,8 +284,9 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
     in the residual stream that feeds ``dst``'s ``c`` alone; every other head and input sees the
     clean stream. Rows at (layer, head) = (l, h), ``ablated_layer/head`` = ``dst``: metric
     ``path_{c}_{loss,acc,logit_diff}_delta`` (ablated minus clean, on ``batch``'s induction
-    targets). A classic induction head loses its accuracy through K only (its previous-token head
-    sets the key); a shifted-induction or long-offset-recall head also through V (README).
+    targets). The hand-built induction head loses its accuracy through K only (its previous-token
+    head sets the key); a large V drop means the copied token is read from an earlier head's
+    output (shifted induction, long-offset recall, and some classic runs: README).
 
     Why by hand: TransformerLens 4.x's native bridge (``AttentionBridge``) has no split Q/K/V
     input hooks (``set_use_split_qkv_input`` raises ``NotImplementedError``), so ``dst``'s q, k or

@@ -60,8 +60,9 @@ from initmi_utils.report import Section, write_report
 from initmi_utils.tables import COLUMNS, read_table
 
 TABLES = ("metrics", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits",
-          "persistence", "offsets")
+          "persistence", "offsets", "paths")
 ANALYSIS_TABLES = TABLES[1:]  # written by notebooks 02-06 (metrics by 01)
+SPARSE_TABLES = ("paths",)  # no rows for a run without a copying head: absence is not a missing analysis
 
 
 # =============================================================================================
@@ -386,7 +387,8 @@ def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame],
         if failed:
             status = "failed notebook" if status == "ok" else status
             problems.append(f"notebook(s) without success stamp: {', '.join(failed)}")
-        absent = [n for n in present_tables if n != "metrics" and not (tables[n].run == r.run).any()]
+        absent = [n for n in present_tables
+                  if n != "metrics" and n not in SPARSE_TABLES and not (tables[n].run == r.run).any()]
         if absent and status != "missing":
             status = "partial" if status == "ok" else status
             problems.append(f"tables absent: {', '.join(absent)}")
@@ -934,6 +936,26 @@ def copy_distance_accuracy(behavior: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([b, gap[cols]], ignore_index=True)[cols]
 
 
+def path_summary(paths: pd.DataFrame) -> pd.DataFrame:
+    """Per run (``paths`` rows at one step): the copying head's mechanism and, per input Q, K, V,
+    the largest loss of induction accuracy when one earlier head is removed from that input alone,
+    with that head (``ablation.path_ablation_effects``)."""
+    acc = paths[paths.metric.str.match(r"path_[qkv]_acc_delta")] if len(paths) else paths
+    cols = ["run", "scheme", "seed", "step", "mechanism", "head"] + [f"{c} {w}" for c in "QKV" for w in ("Δacc", "via")]
+    if acc.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (run, scheme, seed, step), g in acc.groupby(["run", "scheme", "seed", "step"], sort=True):
+        row = dict(run=run, scheme=scheme, seed=seed, step=step, mechanism=g.mechanism.iloc[0],
+                   head=f"L{int(g.ablated_layer.iloc[0])}H{int(g.ablated_head.iloc[0])}")
+        for c in "qkv":
+            worst = g[g.metric == f"path_{c}_acc_delta"].nsmallest(1, "value")
+            row[f"{c.upper()} Δacc"] = float(worst.value.iloc[0]) if len(worst) else math.nan
+            row[f"{c.upper()} via"] = f"L{int(worst.layer.iloc[0])}H{int(worst['head'].iloc[0])}" if len(worst) else "—"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
 def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: str, matched: pd.DataFrame,
                     n_boot: int, seed: int) -> None:
     """The copying mechanism of every run at its matched checkpoint (``offsets.mechanism_labels``),
@@ -941,6 +963,7 @@ def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: st
     from initmi_utils.offsets import mechanism_labels
 
     labels = mechanism_labels(at_matched(study.table("offsets"), matched))
+    paths = path_summary(at_matched(study.table("paths"), matched))
     acc = copy_distance_accuracy(at_matched(study.table("behavior"), matched))
     if labels.empty and acc.empty:
         return
@@ -966,6 +989,13 @@ def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: st
         sec.table(res.tables[f"{key}_mechanism_labels"],
                   f"{label}: mechanism per run, the deciding head and its score (attention mass), with the run's "
                   f"induction accuracy on short and long copies.")
+    if len(paths):
+        res.tables[f"{key}_mechanism_paths"] = paths
+        sec.table(paths, f"{label}: which input of its copying head each run's layer-0 heads act through: per input, "
+                         f"the largest drop of induction accuracy on BOS + A + A when one layer-0 head is mean-ablated "
+                         f"in that input alone, and that head (ablation.path_ablation_effects; notebook 04 measures "
+                         f"the final checkpoint only). K carries the match with the earlier copy; a large V drop means "
+                         f"the copied token is read from a layer-0 head's output, not from the embedding.")
     if len(acc):
         summ = summarise(acc, ["metric", "scheme"], n_boot=n_boot, seed=seed)
         res.tables[f"{key}_copy_distance_accuracy"] = summ

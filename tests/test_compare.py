@@ -138,6 +138,22 @@ def _behavior(scheme: str, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _paths(scheme: str, seed: int) -> pd.DataFrame:
+    """Notebook 04's ``paths`` rows at the final step: classic runs lose accuracy through K of
+    layer-0 head ``seed % 4``, recall and shifted runs through its K and V; no rows without a
+    copying head (as ``ablation.mechanism_paths``)."""
+    m = planted_mechanism(scheme, seed, HORIZON)
+    if m == "none":
+        return pd.DataFrame(columns=["step", "layer", "head", "metric", "value"])
+    rows = []
+    for head in range(4):
+        for c in "qkv":
+            hit = head == seed % 4 and (c == "k" or (c == "v" and m != "classic_induction"))
+            rows.append(dict(step=HORIZON, layer=0, head=head, metric=f"path_{c}_acc_delta", value=-0.8 if hit else -0.01,
+                             ablated_layer=1, ablated_head=(seed + 1) % 4, mechanism=m))
+    return pd.DataFrame(rows)
+
+
 def make_synthetic_study(root: Path, drop: tuple[str, int] = ("kaiming", 4), truncate: tuple[str, int] = ("xavier", 3),
                          with_geometry: bool = True, seeds: tuple[int, ...] = PRESET_SEEDS[PRESET]) -> Path:
     """Write metrics/attention/ablation/offsets/behavior(/geometry) tables for the runs of PRESET under ``root``
@@ -153,6 +169,7 @@ def make_synthetic_study(root: Path, drop: tuple[str, int] = ("kaiming", 4), tru
             write_table(_attention(scheme, seed), cfg, "attention", root)
             write_table(_ablation(scheme, seed), cfg, "ablation", root)
             write_table(_offsets(scheme, seed), cfg, "offsets", root)
+            write_table(_paths(scheme, seed), cfg, "paths", root)
             write_table(_behavior(scheme, seed), cfg, "behavior", root)
             if with_geometry:
                 write_table(_geometry(scheme, seed), cfg, "geometry", root)
@@ -309,6 +326,7 @@ def test_run_status_names_missing_incomplete_and_failed_runs(study_root: Path):
     assert st.loc["orthogonal-s2", "status"] == "failed notebook"
     assert "04_ablation_patching" in st.loc["orthogonal-s2", "detail"] and "02_behavior" not in st.loc["orthogonal-s2", "detail"]
     assert st.loc["normal-s0", "status"] == "ok"
+    assert (st[st.scheme == NEVER].status == "ok").all()  # no paths rows (no copying head) is not a missing table
     assert len(st) == len(SCHEMES) * len(PRESET_SEEDS[PRESET])
     assert "xavier-s3" not in set(study.table("metrics").run)  # incomplete runs stay out of the statistics
 
@@ -353,6 +371,11 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     assert counts.loc["seeded", "long_offset_recall"] == "3/5" and counts.loc["seeded", "classic_induction"] == "2/5"
     assert counts.loc[NEVER, "none"] == "5/5" and counts.loc["kaiming", "n"] == 4
     assert counts.loc["mimetic", "shifted_induction"] == "1/5" and counts.loc["mimetic", "classic_induction"] == "4/5"
+    paths = r2.tables["step_mechanism_paths"].set_index("run")
+    assert NEVER not in set(paths.scheme)  # no copying head, no paths
+    assert paths.loc["normal-s2", "K Δacc"] == -0.8 and paths.loc["normal-s2", "K via"] == "L0H2"
+    assert paths.loc["normal-s2", "V Δacc"] == -0.01 and paths.loc["normal-s2", "head"] == "L1H3"
+    assert paths.loc["seeded-s1", "V Δacc"] == -0.8 and paths.loc["mimetic-s1", "mechanism"] == "shifted_induction"
     acc = r2.tables["step_copy_distance_accuracy"].set_index(["metric", "scheme"])
     short = acc.loc[("val_acc_induction_short", "seeded")]
     assert short["mean"] == pytest.approx((0.9 + 0.05 * 3 + 0.9 + 0.01 * (0 + 1 + 2 + 3 + 4)) / 5)
