@@ -33,11 +33,11 @@ def keep_freed_memory() -> bool:
     up to 32 MB from the heap and never trimming it leaves ~100 faults per step; how many faults
     remain with glibc's defaults depends on the machine (kernel huge pages, glibc's dynamic mmap
     threshold), so ``tests/test_model.py`` checks the policy itself on a step's allocation pattern
-    through ``malloc``: 0 faults against ~27,000 per step. Step time relative to a 2048^3 matmul timed in the same process,
-    alternating processes on a quiet machine: batch 32 (the presets') 0.60 vs 0.68 without,
-    batch 64 1.24 vs 1.27 (``benchmarks/README.md``). The price is that the process keeps its
-    peak heap. Returns whether
-    glibc took the settings (``False`` on other C libraries, where nothing is changed).
+    through ``malloc``: 0 faults against ~27,000 per step. Step time relative to a 2048^3 matmul
+    timed in the same process, alternating processes on a quiet machine: batch 32 (the presets')
+    0.60 vs 0.68 without, batch 64 1.24 vs 1.27 (``benchmarks/README.md``). The price is that the
+    process keeps its peak heap. Returns whether glibc took the settings (``False`` on other C
+    libraries, where nothing is changed).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
