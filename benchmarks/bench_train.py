@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from initmi_utils.config import ExperimentConfig  # noqa: E402
 from initmi_utils.data import BigramChain, _generator, sample_sequences  # noqa: E402
-from initmi_utils.model import flops_per_token, loss_fn, to_bridge  # noqa: E402
+from initmi_utils.model import flops_per_token, keep_freed_memory, loss_fn, to_bridge  # noqa: E402
 from initmi_utils.schemes import build_model  # noqa: E402
 from initmi_utils.train import _optimizer, optimizer_step  # noqa: E402
 
@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", action="store_true", help="1x2 threads vs 2x1 processes instead (batch 32)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    keep_freed_memory()  # as in training (train.train)
     a.batch = a.batch or (32 if a.parallel else 64)
     a.steps = a.steps or (60 if a.parallel else 4)
     a.out = a.out or RESULTS / ("bench_parallel.json" if a.parallel else "bench_train.json")

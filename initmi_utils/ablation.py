@@ -33,17 +33,19 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from initmi_utils.attention import detection_masks, masked_score, pattern_names, patterns_from_cache
 from initmi_utils.behavior import next_token_stats
 from initmi_utils.data import Batch, PatchPairs
+from initmi_utils.offsets import model_mechanism
 
 ABLATIONS = ("zero", "mean")
 _STAT_NAMES = {"loss": "loss_induction", "acc": "acc_induction", "logit_diff": "logit_diff"}
 
 
 def z_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
+    return get_act_name("z", layer)
 
 
 def _ablate_variants_hook(z: Float[Tensor, "variants_x_batch pos head d_head"], hook, n: int,
@@ -301,7 +303,7 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
     if not 1 <= dst_layer < model.cfg.n_layers or not 0 <= dst_head < model.cfg.n_heads:
         raise ValueError(f"dst={dst} must be a head of layer 1..{model.cfg.n_layers - 1} (an earlier layer must exist).")
     tokens, block, rows = batch.tokens, model.blocks[dst_layer], []
-    resid_name = f"blocks.{dst_layer}.hook_resid_pre"
+    resid_name = get_act_name("resid_pre", dst_layer)
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens, names_filter=[resid_name] + [z_name(l) for l in range(dst_layer)])
         clean = next_token_stats(logits, batch)
@@ -319,7 +321,7 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
                         act[:, :, dst_head] = new
                         return act
 
-                    with bridge.hooks(fwd_hooks=[(f"blocks.{dst_layer}.attn.hook_{c}", patch)]):
+                    with bridge.hooks(fwd_hooks=[(get_act_name(c, dst_layer), patch)]):
                         stats = next_token_stats(bridge(tokens), batch)
                     for short, key in _STAT_NAMES.items():
                         rows.append({"layer": layer, "head": head, "metric": f"path_{c}_{short}_delta",
@@ -332,7 +334,6 @@ def mechanism_paths(model, bridge, val: Batch, rep: Batch) -> pd.DataFrame:
     """``path_ablation_effects`` (on ``rep``) into the head that decides the checkpoint's copying
     mechanism (``offsets.model_mechanism`` on ``val``, where the copy distance varies), with its
     label in a ``mechanism`` column; no rows when the label is ``none`` (no such head)."""
-    from initmi_utils.offsets import model_mechanism
 
     label = model_mechanism(model, val)
     if label["layer"] < 1:

@@ -31,6 +31,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from initmi_utils.data import BOS
 
@@ -39,7 +40,7 @@ METRICS = ("prev_token_score", "duplicate_score", "induction_score", "bos_score"
 
 def pattern_names(n_layers: int) -> list[str]:
     """The hook names of every layer's attention pattern (for ``run_with_cache(names_filter=...)``)."""
-    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    return [get_act_name("pattern", layer) for layer in range(n_layers)]
 
 
 def patterns_from_cache(cache, n_layers: int) -> Float[Tensor, "layer batch head q k"]:

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from initmi_utils.config import ExperimentConfig, RunPaths
-from initmi_utils.data import atomic_write
-from initmi_utils.model import Transformer
+from initmi_utils.io import atomic_write
+from initmi_utils.model import Transformer, to_bridge
 
 _STEP_FILE = re.compile(r"step_(\d{6,})\.safetensors")
 
@@ -93,7 +93,6 @@ class RunCheckpoints:
         being the model's ``TransformerBridge`` view. One bridge is refilled per step
         (``to_bridge(model, reuse=...)``): building one costs more than the analyses of a small
         checkpoint. The bridge of a step is therefore overwritten by the next step's weights."""
-        from initmi_utils.model import to_bridge
 
         bridge = None
         for step in self.steps if steps is None else steps:
@@ -102,7 +101,7 @@ class RunCheckpoints:
             yield step, model, bridge
 
 
-def list_checkpoints(cfg: ExperimentConfig, root: str | Path = ".", require_done: bool = True) -> RunCheckpoints:
+def list_checkpoints(cfg: ExperimentConfig, root: str | Path | None = None, require_done: bool = True) -> RunCheckpoints:
     """The run's checkpoints; raises ``CheckpointError`` naming the training to do if there are none."""
     paths = RunPaths.of(cfg, root)
     folder = paths.checkpoints

@@ -45,6 +45,7 @@ from initmi_utils.config import ModelConfig
 from initmi_utils.data import BOS
 from initmi_utils.geometry import single_threaded
 from initmi_utils.model import Transformer
+from initmi_utils.schemes import init_weights
 
 MODES = ("q", "k", "v")
 NULL_SEED_OFFSET = 1_000_000  # null seeds never coincide with a run's own init seed
@@ -228,7 +229,7 @@ class CompositionNull:
 
 
 @single_threaded
-def composition_null(model_cfg: ModelConfig, scheme: str, n_models: int = 8, cfg=None, root: str | Path = ".") -> CompositionNull:
+def composition_null(model_cfg: ModelConfig, scheme: str, n_models: int = 8, cfg=None, root: str | Path | None = None) -> CompositionNull:
     """The step-0 null of ``scheme``: composition scores of ``n_models`` fresh inits with seeds
     ``NULL_SEED_OFFSET + i`` (never a run's own seed). At init every head pair is exchangeable, so
     pairs are pooled; with ``n_heads^2`` pairs per model a few models give a stable mean and std.
@@ -236,7 +237,6 @@ def composition_null(model_cfg: ModelConfig, scheme: str, n_models: int = 8, cfg
     ``cfg``/``root`` go to schemes that need the run (``seeded`` reuses the run's cached donor, so
     its null already holds the donor's circuit and only the random rest varies: its z-scores say
     what training added beyond the seeded start)."""
-    from initmi_utils.schemes import init_weights
 
     if n_models < 2:
         raise ValueError(f"a null distribution needs n_models >= 2 fresh inits, got {n_models}.")

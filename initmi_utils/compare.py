@@ -50,13 +50,20 @@ import torch
 from jaxtyping import Float
 from scipy.stats import rankdata
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
+import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme, which the study orders last)
 from initmi_utils import plots
 from initmi_utils.behavior import emergence_step
-from initmi_utils.config import PRESET_SEEDS, PRESETS, RunPaths, experiment
+from initmi_utils.checkpoints import CheckpointError, list_checkpoints
+from initmi_utils.config import PRESET_SEEDS, PRESETS, RunPaths, experiment, resolve_root
+from initmi_utils.data import load_dataset
+from initmi_utils.donor_persistence import seeded_slots
 from initmi_utils.geometry import linear_cka
-from initmi_utils.offsets import REPORT_ORDER
+from initmi_utils.model import to_bridge
+from initmi_utils.offsets import REPORT_ORDER, mechanism_labels
 from initmi_utils.report import Section, write_report
+from initmi_utils.schemes import SCHEMES
 from initmi_utils.tables import COLUMNS, read_table
 
 TABLES = ("metrics", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits",
@@ -273,10 +280,8 @@ def residual_streams(model, tokens) -> dict[str, Float[Tensor, "n d_model"]]:
 
     One ``run_with_cache`` on the ``TransformerBridge`` view; keys are the hook names.
     """
-    from initmi_utils.model import to_bridge
-
     bridge = to_bridge(model)
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    names = [get_act_name("resid_pre", 0)] + [get_act_name("resid_post", l) for l in range(model.cfg.n_layers)]
     with torch.no_grad():
         _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
     return {n: cache[n][:, 1:].reshape(-1, cache[n].shape[-1]).detach() for n in names}
@@ -290,23 +295,19 @@ class ResidualCache:
     """
 
     def __init__(self, preset: str, root: str | Path, n_sequences: int = 128):
-        self.preset, self.root, self.n_sequences = preset, Path(root), n_sequences
+        self.preset, self.root, self.n_sequences = preset, resolve_root(root), n_sequences
         self._acts: dict[tuple[str, int], dict | None] = {}
         self._tokens = None
         self.errors: dict[str, str] = {}
 
     def tokens(self, cfg):
         if self._tokens is None:
-            from initmi_utils.data import load_dataset
-
             self._tokens = load_dataset(cfg, self.root).val.tokens[: self.n_sequences]
         return self._tokens
 
     def get(self, scheme: str, seed: int, step: int) -> dict | None:
         key = (f"{scheme}-s{seed}", int(step))
         if key not in self._acts:
-            from initmi_utils.checkpoints import CheckpointError, list_checkpoints
-
             try:
                 cfg = experiment(self.preset, scheme, int(seed))
                 ckpts = list_checkpoints(cfg, self.root, require_done=False)
@@ -338,7 +339,6 @@ def grid_seeds(preset: str, seeds: Sequence[int] | None = None) -> tuple[int, ..
 
 def expected_runs(preset: str, seeds: Sequence[int] | None = None) -> pd.DataFrame:
     """The grid a preset promises: every registered scheme x its seeds (``grid_seeds``)."""
-    from initmi_utils.schemes import SCHEMES
 
     rows = [dict(run=f"{s}-s{k}", scheme=s, seed=int(k)) for s in SCHEMES for k in grid_seeds(preset, seeds)]
     return pd.DataFrame(rows, columns=["run", "scheme", "seed"])
@@ -369,7 +369,7 @@ def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame],
         problems, status = [], "ok"
         m = tables.get("metrics", pd.DataFrame(columns=COLUMNS))
         m = m[m.run == r.run]
-        paths = RunPaths(Path(root), preset, r.scheme, int(r.seed))
+        paths = RunPaths(resolve_root(root), preset, r.scheme, int(r.seed))
         if m.empty:
             status = "missing"
             problems.append("no metrics table: train it (notebook 01)")
@@ -437,12 +437,11 @@ def load_study(preset: str, root: str | Path, seeds: Sequence[int] | None = None
     of other seeds found on disk are used too and marked as extra."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    root = Path(root)
+    root = resolve_root(root)
     raw = {name: read_table(preset, name, root) for name in TABLES}
     status = run_status(preset, root, raw, seeds)
     usable = set(status[status.status.isin(["ok", "partial", "failed notebook"])].run)
     tables = {n: t[t.run.isin(usable)].reset_index(drop=True) for n, t in raw.items()}
-    from initmi_utils.schemes import SCHEMES
 
     present = set(status.scheme)
     schemes = [s for s in SCHEMES if s in present] + sorted(present - set(SCHEMES))
@@ -960,7 +959,6 @@ def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: st
                     n_boot: int, seed: int) -> None:
     """The copying mechanism of every run at its matched checkpoint (``offsets.mechanism_labels``),
     counts per scheme, and induction accuracy on short vs long copies per scheme (mean [95% CI])."""
-    from initmi_utils.offsets import mechanism_labels
 
     labels = mechanism_labels(at_matched(study.table("offsets"), matched))
     paths = path_summary(at_matched(study.table("paths"), matched))
@@ -1213,7 +1211,6 @@ PERSISTENCE_METRICS = ("pattern_similarity_to_donor", "ablation_share", "cka_to_
 def persistence(study: Study, n_boot: int = 2_000, seed: int = 0) -> Result:
     """Do the `seeded` head slots keep the donor's role? The same slots under the other schemes
     are the baseline (their similarity to a donor they never saw is what chance looks like)."""
-    from initmi_utils.persistence import seeded_slots
 
     sec = Section("Persistence · do the seeded head slots keep the donor's role?")
     res = Result(sec)
@@ -1311,7 +1308,7 @@ def headline(study: Study, r1: Result, r2: Result) -> Result:
 
 
 def figures_dir(preset: str, root: str | Path) -> Path:
-    return Path(root) / "figures" / preset
+    return resolve_root(root) / "figures" / preset
 
 
 def save_outputs(study: Study, results: list[Result], static: bool = True) -> dict[str, Path]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -215,13 +217,20 @@ PRESETS: dict[str, ExperimentConfig] = {
 PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4)}
 
 
+SCHEME_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
 def experiment(preset: str = "quick", scheme: str = "normal", seed: int = 0) -> ExperimentConfig:
-    """The config of one run: a preset plus (scheme, init seed)."""
+    """The config of one run: a preset plus (scheme, init seed).
+
+    The scheme name is checked for its form only (it names folders); whether a scheme of that
+    name is registered is the registry's question (``schemes.check_scheme``), asked where weights
+    are built, so that the config knows nothing of the schemes above it.
+    """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    from initmi_utils.schemes import check_scheme
-
-    check_scheme(scheme)
+    if not isinstance(scheme, str) or not SCHEME_NAME.fullmatch(scheme):
+        raise ConfigError(f"scheme name {scheme!r} must be lower-case letters, digits and '_', starting with a letter.")
     return dataclasses.replace(PRESETS[preset], run=RunConfig(scheme=scheme, seed=int(seed), preset=preset))
 
 
@@ -239,8 +248,8 @@ class RunPaths:
     seed: int
 
     @classmethod
-    def of(cls, cfg: ExperimentConfig, root: str | Path = ".") -> "RunPaths":
-        return cls(Path(root), cfg.run.preset, cfg.run.scheme, cfg.run.seed)
+    def of(cls, cfg: ExperimentConfig, root: str | Path | None = None) -> "RunPaths":
+        return cls(resolve_root(root), cfg.run.preset, cfg.run.scheme, cfg.run.seed)
 
     @property
     def checkpoints(self) -> Path:
@@ -259,5 +268,32 @@ class RunPaths:
         return self.root / "figures" / self.preset / self.scheme / f"seed{self.seed}"
 
 
-def data_dir(cfg: ExperimentConfig, root: str | Path = ".") -> Path:
-    return Path(root) / "data" / "synthetic" / cfg.data_hash
+def data_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Path:
+    return resolve_root(root) / "data" / "synthetic" / cfg.data_hash
+
+
+ROOT_ENV = "INITMI_ROOT"
+
+
+def project_root() -> Path:
+    """The project this package was installed from (the editable install of ``make venv``).
+
+    Found from the package's own location, not from the working directory: a notebook run by
+    papermill from any folder, or by a kernel started elsewhere, must still find the project's
+    ``checkpoints/`` and ``data/``. ``$INITMI_ROOT`` overrides it (a cluster's shared folder).
+    """
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").is_file() and (here / "initmi_utils").is_dir():
+        return here
+    raise ConfigError(
+        f"initmi_utils is installed at {here}, outside a project checkout, so the project root is unknown: "
+        f"pass root (papermill: -p root DIR; command line: --root DIR) or set ${ROOT_ENV}.")
+
+
+def resolve_root(root: str | Path | None = None) -> Path:
+    """``root`` as a path; ``None`` or ``""`` (the notebooks' default) means ``project_root()``."""
+    if root is None or str(root) == "":
+        return project_root()
+    return Path(root)

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from initmi_utils.config import DataConfig, ExperimentConfig, data_dir
+from initmi_utils.io import atomic_write, atomic_write_text
 
 BOS = 0
 _STREAMS = {"chain": 1, "val": 2, "rep": 3, "patch": 4, "train": 5}  # independent generator streams
@@ -217,34 +216,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def load_dataset(cfg: ExperimentConfig, root: str | Path = ".") -> Dataset:
+def load_dataset(cfg: ExperimentConfig, root: str | Path | None = None) -> Dataset:
     """The data set of ``cfg.data``: generated and written on first use, hash-checked afterwards."""
     folder = data_dir(cfg, root)
     path, manifest_path = folder / Dataset.FILE, folder / "manifest.json"

@@ -39,6 +39,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens.FactoredMatrix import FactoredMatrix
+from transformer_lens.utilities import get_act_name
 
 from initmi_utils.model import Transformer, torch_threads
 
@@ -50,9 +51,9 @@ EMBED_MATRICES = ("W_E", "W_pos", "W_U")
 
 def hook_names(n_layers: int) -> list[str]:
     """The cache entries the activation analyses of this module read."""
-    names = ["blocks.0.hook_resid_pre"]
+    names = []
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_z"]
+        names += [get_act_name(kind, layer) for kind in ("resid_pre", "resid_post", "pattern", "z")]
     return names
 
 
@@ -198,13 +199,11 @@ def resid_norm_table(cache, n_layers: int, mask: Bool[Tensor, "batch pos"] | Non
     always holds the same token at the same place, its residual typically grows into an attention
     sink, and mixing it in would hide what happens at ordinary tokens.
     """
-    rows = []
-    for layer in range(-1, n_layers):
-        name = "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
-        x = cache[name].detach()
-        m = _non_bos(x.shape) if mask is None else mask
-        rows.append(dict(layer=layer, head=-1, metric="resid_norm", value=x.norm(dim=-1)[m].mean().item()))
-    return pd.DataFrame(rows)
+    stack = cache.accumulated_resid().detach()  # [n_layers + 1, batch, pos, d_model]: embed, then each layer
+    m = _non_bos(stack.shape[1:]) if mask is None else mask
+    norms = stack.norm(dim=-1)[:, m].mean(-1)
+    return pd.DataFrame([dict(layer=layer, head=-1, metric="resid_norm", value=norms[layer + 1].item())
+                         for layer in range(-1, n_layers)])
 
 
 def attention_entropy(pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch head q_from_1"]:
@@ -219,7 +218,7 @@ def attention_entropy_table(cache, n_layers: int) -> pd.DataFrame:
     (entropy / log(q + 1), 1 = uniform over the causal window) per layer and head."""
     rows = []
     for layer in range(n_layers):
-        h = attention_entropy(cache[f"blocks.{layer}.attn.hook_pattern"])
+        h = attention_entropy(cache[get_act_name("pattern", layer)])
         max_h = torch.arange(2, h.shape[-1] + 2, dtype=torch.float64).log()  # log(q + 1), q = 1..
         for head in range(h.shape[1]):
             rows.append(dict(layer=layer, head=head, metric="attn_entropy", value=h[:, head].mean().item()))
@@ -232,7 +231,7 @@ def head_outputs(cache, model: Transformer, mask: Bool[Tensor, "batch pos"] | No
     layer's heads), at the selected positions (default: every position except BOS)."""
     out = {}
     for layer, block in enumerate(model.blocks):
-        z = cache[f"blocks.{layer}.attn.hook_z"].detach()  # [batch pos head d_head]
+        z = cache[get_act_name("z", layer)].detach()  # [batch pos head d_head]
         m = _non_bos(z.shape) if mask is None else mask
         W_O = block.attn.W_O.detach()
         for head in range(z.shape[2]):

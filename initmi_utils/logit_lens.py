@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.tools.analysis import logit_lens
+from transformer_lens.utilities import get_act_name
 
 from initmi_utils.data import BOS, Batch, Dataset
 
@@ -44,7 +45,7 @@ METRICS = ("correct_rank", "correct_prob", "correct_top1")
 def hook_names(n_layers: int) -> list[str]:
     """The cache entries ``logit_lens_table`` reads (``accumulated_resid`` wants every
     ``resid_pre`` plus the last ``resid_post``)."""
-    return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    return [get_act_name("resid_pre", layer) for layer in range(n_layers)] + [get_act_name("resid_post", n_layers - 1)]
 
 
 @dataclass(frozen=True)

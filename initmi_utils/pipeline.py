@@ -3,7 +3,7 @@
     python -m initmi_utils.pipeline --preset quick [--schemes a,b] [--seeds 0,1]
         [--notebooks 01,02] [--workers N] [--root DIR] [--param name=value ...] [--force]
 
-Per-run notebooks (those whose ``parameters`` cell has ``init_scheme``): each run's first selected
+Per-run notebooks (those whose ``parameters`` cell has ``scheme``): each run's first selected
 notebook (01_train) runs before its others, which read only its checkpoints and so run in any order,
 on any free worker; the others (07_compare) run once per preset after every run. Workers take the
 ready job of highest priority: donors, then trainings, then analyses (``schedule``), so that the
@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Callable
 
 from initmi_utils import __version__
-from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment
-from initmi_utils.data import atomic_write_text
+from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment, resolve_root
+from initmi_utils.io import atomic_write_text
+from initmi_utils.schemes import SCHEMES
+import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "initmi"
-RUN_PARAMS = ("init_scheme", "seed", "preset", "root", "seeds")  # set by the runner, not by --param
+RUN_PARAMS = ("scheme", "seed", "preset", "root", "seeds")  # set by the runner, not by --param
 
 
 class PipelineError(ValueError):
@@ -62,7 +64,7 @@ class Notebook:
 
     @property
     def per_run(self) -> bool:
-        return "init_scheme" in self.parameters
+        return "scheme" in self.parameters
 
 
 def discover(notebook_dir: Path = NOTEBOOK_DIR) -> list[Notebook]:
@@ -142,6 +144,7 @@ class WarmKernel:
         if self.km is None or not self.km.is_alive():
             self.km = KernelManager(kernel_name=self.kernel_name)
             self.km.start_kernel(cwd=str(self.cwd))
+            self._run("from initmi_utils.model import keep_freed_memory as _k; _k(); del _k")
         else:
             kc = self.km.client()
             kc.start_channels()
@@ -154,6 +157,18 @@ class WarmKernel:
             finally:
                 kc.stop_channels()
         return self.km
+
+    def _run(self, code: str) -> None:
+        """Run ``code`` in the kernel outside any notebook (the worker's own set-up)."""
+        kc = self.km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            reply = kc.execute_interactive(code, timeout=60, store_history=False)
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"kernel set-up failed: {code}")
+        finally:
+            kc.stop_channels()
 
     def discard(self) -> None:
         if self.km is not None:
@@ -197,7 +212,7 @@ def execute(job: Job, kernel: str, log=print, warm: WarmKernel | None = None) ->
             os.replace(tmp, job.output)
     if job.status == "ok":
         atomic_write_text(job.stamp, json.dumps({"key": job.key, "seconds": round(job.seconds, 2)}))
-    log(f"[{job.status:>6}] {job.notebook.path.name} {job.parameters.get('init_scheme', '')} "
+    log(f"[{job.status:>6}] {job.notebook.path.name} {job.parameters.get('scheme', '')} "
         f"seed={job.parameters.get('seed', '-')} ({job.seconds:.1f}s) -> {job.output}"
         + (f"\n         {job.error}" if job.error else ""))
 
@@ -212,7 +227,7 @@ def needs_donor(schemes: list[str], notebooks: list[Notebook]) -> bool:
 
 @dataclass
 class DonorJob:
-    """Train (or reuse) one seed's donor in a subprocess (``python -m initmi_utils.seeded``)."""
+    """Train (or reuse) one seed's donor in a subprocess (``python -m initmi_utils.donor``)."""
 
     preset: str
     seed: int
@@ -221,7 +236,7 @@ class DonorJob:
 
     def run(self, log=print) -> bool:
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "initmi_utils.seeded", "--preset", self.preset, "--seed", str(self.seed),
+        cmd = [sys.executable, "-m", "initmi_utils.donor", "--preset", self.preset, "--seed", str(self.seed),
                "--root", str(self.root)]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=NOTEBOOK_DIR.parent)
         lines = (done.stdout + done.stderr).strip().splitlines()
@@ -240,7 +255,7 @@ def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Note
             paths = RunPaths.of(experiment(preset, scheme, seed), root)
             chain: list[Job] = []
             for nb in (n for n in notebooks if n.per_run):
-                params = {"init_scheme": scheme, "seed": seed, "preset": preset, "root": str(root)}
+                params = {"scheme": scheme, "seed": seed, "preset": preset, "root": str(root)}
                 params.update({k: v for k, v in extra.items() if k in nb.parameters})
                 # The analyses read the first notebook's checkpoints, never each other's tables.
                 chain.append(Job(nb, paths.notebooks / nb.path.name, params, depends=chain[:1]))
@@ -311,15 +326,13 @@ def _parse_value(text: str):
 
 
 def parse_args(argv: list[str] | None, notebooks: list[Notebook]):
-    from initmi_utils.schemes import SCHEMES
-
     p = argparse.ArgumentParser(prog="python -m initmi_utils.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
     p.add_argument("--schemes", default="", help="comma-separated init schemes (default: all registered)")
     p.add_argument("--seeds", default="", help="comma-separated init seeds (default: the preset's seeds)")
     p.add_argument("--notebooks", default="", help="comma-separated notebook numbers, e.g. 01,02 (default: all)")
     p.add_argument("--workers", type=int, default=1, help="runs executed in parallel (default 1)")
-    p.add_argument("--root", default=".", help="directory for every artefact (default: the current directory)")
+    p.add_argument("--root", default=None, help="directory for every artefact (default: this project's root)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="extra notebook parameter (JSON value), passed to the notebooks that declare it")
     p.add_argument("--force", action="store_true", help="rerun notebooks even when up to date")
@@ -362,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         notebooks = discover()
         a, schemes, seeds, selected, extra = parse_args(argv, notebooks)
-        root = Path(a.root).resolve()
+        root = resolve_root(a.root).resolve()
         chains, finals = plan(a.preset, schemes, seeds, selected, root, extra)
     except (PipelineError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from initmi_utils.data import atomic_write_text
+from initmi_utils.io import atomic_write_text
 
 TEMPLATE = "plotly_white"
 PALETTE = qualitative.Plotly + qualitative.D3  # 20 distinct colours

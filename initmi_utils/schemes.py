@@ -12,7 +12,9 @@ schemes share their random numbers: ``normal`` and ``scaled_residual`` of one se
 by the residual factor (common random numbers make scheme comparisons less noisy).
 
 New schemes register themselves with ``@register_scheme(name, description)``; nothing else in
-the package changes.
+the package changes. The registry holds recipes only: ``seeded``, which needs a trained donor,
+registers itself from ``initmi_utils.seeded`` (a layer above, as it reads checkpoints), and
+the modules that run every scheme (``train``, ``compare``, ``pipeline``) import it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from initmi_utils.config import ConfigError
 from initmi_utils.model import Transformer
 
 NORMAL_STD = 0.02
@@ -79,7 +82,7 @@ def from_logical(role: str, m: Tensor, shape: torch.Size) -> Tensor:
 
 # A matrix sampler gets (role, fan_in, fan_out, generator) and returns a [fan_in, fan_out] matrix.
 MatrixSampler = Callable[[str, int, int, torch.Generator], Tensor]
-SchemeFn = Callable[[Transformer, object, torch.Generator, Path], None]
+SchemeFn = Callable[[Transformer, object, torch.Generator, "str | Path | None"], None]
 
 
 def init_matrices(model: Transformer, sample: MatrixSampler, generator: torch.Generator) -> None:
@@ -125,10 +128,10 @@ def register_scheme(name: str, description: str) -> Callable[[SchemeFn], SchemeF
 
 def check_scheme(name: str) -> None:
     if name not in SCHEMES:
-        raise ValueError(f"unknown init scheme {name!r}; supported schemes: {', '.join(SCHEMES)}.")
+        raise ConfigError(f"unknown init scheme {name!r}; registered schemes: {', '.join(SCHEMES)}.")
 
 
-def init_weights(model: Transformer, scheme: str, seed: int, cfg=None, root: str | Path = ".") -> Transformer:
+def init_weights(model: Transformer, scheme: str, seed: int, cfg=None, root: str | Path | None = None) -> Transformer:
     """Initialise ``model`` in place with ``scheme``; weights depend only on (scheme, seed).
 
     ``cfg`` (the ``ExperimentConfig``) and ``root`` are passed to schemes that need more than the
@@ -136,14 +139,14 @@ def init_weights(model: Transformer, scheme: str, seed: int, cfg=None, root: str
     """
     check_scheme(scheme)
     generator = torch.Generator().manual_seed(int(seed))
-    SCHEMES[scheme].fn(model, cfg, generator, Path(root))
+    SCHEMES[scheme].fn(model, cfg, generator, root)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RuntimeError(f"init scheme {scheme!r} left parameters uninitialised: {bad}.")
     return model
 
 
-def build_model(cfg, root: str | Path = ".") -> Transformer:
+def build_model(cfg, root: str | Path | None = None) -> Transformer:
     """The run's model at step 0: ``cfg.model`` initialised with (cfg.run.scheme, cfg.run.seed)."""
     return init_weights(Transformer(cfg.model), cfg.run.scheme, cfg.run.seed, cfg, root)
 
@@ -267,18 +270,3 @@ def mimetic(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
     # same seed (common random numbers), then replace the attention matrices.
     init_matrices(model, _normal, g)
     mimetic_attention(model, g, MIMETIC)
-
-
-# ---------------------------------------------------------------------------------------------
-# Seeded from a smaller trained donor (initmi_utils.seeded).
-
-
-@register_scheme(
-    "seeded",
-    "a trained donor with half the heads and width (xavier) embedded exactly into the first head "
-    "slots of each layer; other readers N(0, 0.02^2), other writers N(0, 0.002^2) outside its subspace",
-)
-def seeded(model: Transformer, cfg, g: torch.Generator, root: Path) -> None:
-    from initmi_utils.seeded import seed_from_donor  # lazy: seeded trains its donor via train -> schemes
-
-    seed_from_donor(model, cfg, g, root)

@@ -1,8 +1,10 @@
 """The ``seeded`` scheme: a smaller trained *donor* embedded into the student at step 0.
 
 The donor is a small transformer (by default 2 layers and half the student's heads and width:
-2L x 2H x d64 for the 2L x 4H x d128 student, see ``DonorConfig``) trained by the ordinary pipeline (``train.train``) on the student's data with the
-student's train config. Its weights are then written into the student so that, at step 0, the
+2L x 2H x d64 for the 2L x 4H x d128 student, see ``DonorConfig``) trained by the ordinary
+training loop on the student's data with the student's train config (``initmi_utils.donor``,
+which this module never calls: it loads a trained donor and raises ``DonorMissing``, naming the
+command that trains it, when there is none). Its weights are then written into the student so that, at step 0, the
 student computes the donor's function: the donor's heads occupy head slots ``0 .. n_heads - 1``
 of the student's first ``n_layers`` layers, its MLP neurons the student's first neurons, and
 everything else is random but kept out of the donor's way.
@@ -48,10 +50,10 @@ std(donor logits) = 0.17 % on ``val`` and 0.25 % on ``rep``, argmax agreement 99
 induction accuracy 0.971 vs the donor's 0.972, induction loss equal to 3 decimals.
 ``STEP0_LOGIT_TOLERANCE = 0.02`` is the bound ``tests/test_seeded.py`` enforces.
 
-The donor is a cached artefact: ``train_donor`` trains it once per (donor config, init seed)
+The donor is a cached artefact: ``donor.train_donor`` trains it once per (donor config, init seed)
 under ``checkpoints/<preset>/_donors/<donor name>/<donor scheme>/seed<k>/`` (its config's
 preset is ``<preset>/_donors/<donor name>``, which ``RunPaths`` turns into that folder and no
-normal run can produce; ``read_table`` does not see its metrics) and reuses it afterwards. A
+normal run can produce; ``read_table`` does not see its metrics) and ``load_donor`` reads it. A
 donor that ends below the induction-emergence threshold raises a ``DonorWarning``: the scheme
 then seeds a bigram model, not an induction circuit (``DonorConfig.train_steps`` lengthens the
 donor's training without touching the student's).
@@ -59,9 +61,8 @@ donor's training without touching the student's).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import ConfigError, ExperimentConfig, ModelConfig, RunConfig, RunPaths
 from initmi_utils.model import Transformer
+from initmi_utils.schemes import check_scheme, register_scheme
 
 SEED_NOISE_STD = 0.02  # std of the random readers (= schemes.NORMAL_STD)
 SEED_WRITE_STD = 0.002  # std of the random writers into the residual (small: they perturb the donor)
@@ -153,8 +156,6 @@ def donor_experiment(cfg: ExperimentConfig, donor: DonorConfig = DONOR) -> Exper
     ``donor.steps_after_emergence`` steps after induction emerges; its learning rate
     ``train.donor_lr``, else ``train.lr``), the donor's model and scheme, the student's init seed, and the preset
     ``<preset>/_donors/<donor name>`` (its own folders)."""
-    from initmi_utils.schemes import check_scheme
-
     check_scheme(donor.scheme)
     preset = f"{cfg.run.preset}/_donors/{donor.name(cfg.model)}"
     steps = donor.train_steps or cfg.train.donor_steps or cfg.train.steps
@@ -164,43 +165,34 @@ def donor_experiment(cfg: ExperimentConfig, donor: DonorConfig = DONOR) -> Exper
                             run=RunConfig(scheme=donor.scheme, seed=cfg.run.seed, preset=preset))
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    # Two pipeline workers (e.g. the seeded run and a baseline's persistence notebook of the same
-    # seed) may need the same donor at once: one trains, the other waits and then reuses it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+class DonorMissing(ConfigError):
+    """The donor of a ``seeded`` run has not been trained (the message names the command)."""
 
 
-def donor_metrics(cfg: ExperimentConfig, root: str | Path = ".", donor: DonorConfig = DONOR,
-                  progress: bool = False) -> pd.DataFrame:
-    """The donor's training metrics (long format, as ``train.train``), training it first if no
-    finished run is cached; concurrent callers wait for one another."""
-    from initmi_utils.train import train  # lazy: train imports schemes, which registers `seeded`
+def donor_command(cfg: ExperimentConfig, root: str | Path | None = None) -> str:
+    """The command that trains the donor of ``cfg``'s run."""
+    where = "" if root is None or str(root) == "" else f" --root {root}"
+    return f"python -m initmi_utils.donor --preset {cfg.run.preset} --seed {cfg.run.seed}{where}"
 
+
+def load_donor(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR) -> Transformer:
+    """The trained donor of ``cfg``'s run at its last step.
+
+    Raises ``DonorMissing`` (naming the command that trains it) when its training has not
+    finished, and warns with a ``DonorWarning`` when it ended below the induction-emergence
+    threshold: the student is then seeded with bigram statistics, not an induction circuit.
+    """
     dcfg = donor_experiment(cfg, donor)
-    with _locked(RunPaths.of(dcfg, root).checkpoints / ".lock"):
-        return train(dcfg, root, progress=progress)  # returns at once when done.json exists
-
-
-def train_donor(cfg: ExperimentConfig, root: str | Path = ".", donor: DonorConfig = DONOR,
-                progress: bool = False) -> Transformer:
-    """The donor of ``cfg``'s run at its last step, trained first if no finished run is cached;
-    a ``DonorWarning`` if it never reached the induction-emergence threshold."""
-    from initmi_utils.checkpoints import list_checkpoints
-
-    dcfg = donor_experiment(cfg, donor)
-    metrics = donor_metrics(cfg, root, donor, progress)
-    final = metrics[metrics.step == metrics.step.max()].set_index("metric").value
-    if final.get("val_acc_induction", 0.0) < dcfg.train.emergence_threshold:
+    done = RunPaths.of(dcfg, root).checkpoints / "done.json"
+    if not done.exists():
+        raise DonorMissing(
+            f"the donor of run {cfg.run.name} ({cfg.run.preset}) is not trained ({done} missing): "
+            f"train it first with `{donor_command(cfg, root)}` (the pipeline does this by itself).")
+    acc = json.loads(done.read_text()).get("final_metrics", {}).get("val_acc_induction", float("nan"))
+    if not acc >= dcfg.train.emergence_threshold:
         warnings.warn(
             f"the donor {dcfg.run.preset} (seed {dcfg.run.seed}) ends with induction accuracy "
-            f"{final.get('val_acc_induction', float('nan')):.3f} < {dcfg.train.emergence_threshold}: it has no "
+            f"{acc:.3f} < {dcfg.train.emergence_threshold}: it has no "
             f"induction circuit, so `seeded` seeds bigram statistics only. Train it longer "
             f"(DonorConfig(train_steps=...)) or give it more heads (DonorConfig(n_heads=...)).",
             DonorWarning, stacklevel=2)
@@ -307,54 +299,23 @@ def embed_donor(student: Transformer, donor: Transformer, g: torch.Generator, no
         student.unembed.W_U.copy_(_read(donor.unembed.W_U, k, 0) + _perp(noise(D, s.d_vocab), k, 0))
 
 
-def seed_from_donor(model: Transformer, cfg: ExperimentConfig | None, g: torch.Generator, root: str | Path = ".",
-                    donor: DonorConfig = DONOR, noise_std: float = SEED_NOISE_STD,
+def seed_from_donor(model: Transformer, cfg: ExperimentConfig | None, g: torch.Generator,
+                    root: str | Path | None = None, donor: DonorConfig = DONOR, noise_std: float = SEED_NOISE_STD,
                     write_std: float = SEED_WRITE_STD) -> None:
-    """The ``seeded`` scheme: train (or reuse) the donor of ``cfg``'s run and embed it into ``model``."""
+    """The ``seeded`` scheme: load the trained donor of ``cfg``'s run and embed it into ``model``."""
     if cfg is None:
         raise ConfigError(
-            "the 'seeded' scheme trains a donor on the run's data, so it needs the run's ExperimentConfig: "
+            "the 'seeded' scheme embeds the donor trained on the run's data, so it needs the run's ExperimentConfig: "
             "call init_weights(model, 'seeded', seed, cfg, root) or build_model(cfg, root).")
     if cfg.model != model.cfg:
         raise ConfigError(f"the model ({model.cfg}) is not the run's model ({cfg.model}).")
-    embed_donor(model, train_donor(cfg, root, donor), g, noise_std, write_std)
+    embed_donor(model, load_donor(cfg, root, donor), g, noise_std, write_std)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m initmi_utils.seeded --preset quick --seed 0 [--root DIR]``: train (or reuse) one
-    seed's donor. The pipeline runs this as a job of its own before the runs that need the donor,
-    so that no worker sits waiting on the donor's lock."""
-    import argparse
-    import sys
-
-    from initmi_utils.config import experiment
-
-    p = argparse.ArgumentParser(description="Train (or reuse) the donor of the `seeded` scheme for a preset and seed.")
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default=".")
-    a = p.parse_args(argv)
-    try:
-        cfg = experiment(a.preset, "seeded", a.seed)
-        metrics = donor_metrics(cfg, a.root)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from initmi_utils.checkpoints import list_checkpoints
-    from initmi_utils.data import load_dataset
-    from initmi_utils.offsets import model_mechanism
-
-    dcfg = donor_experiment(cfg)
-    final = metrics[metrics.step == metrics.step.max()].set_index("metric").value
-    acc = final.get("val_acc_induction", float("nan"))
-    emerged = acc >= dcfg.train.emergence_threshold
-    ckpts = list_checkpoints(dcfg, a.root)
-    mechanism = model_mechanism(ckpts.load(ckpts.steps[-1])[0], load_dataset(dcfg, a.root).val)["label"]
-    print(f"donor {dcfg.run.name}: step {int(metrics.step.max())}, val_acc_induction {acc:.3f}, mechanism {mechanism}"
-          + ("" if emerged else f"; < {dcfg.train.emergence_threshold}: no induction circuit yet, so the seeded "
-                                f"run of seed {a.seed} starts from a partial one (DonorWarning)"))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+@register_scheme(
+    "seeded",
+    "a trained donor with half the heads and width (xavier) embedded exactly into the first head "
+    "slots of each layer; other readers N(0, 0.02^2), other writers N(0, 0.002^2) outside its subspace",
+)
+def seeded(model: Transformer, cfg, g: torch.Generator, root: str | Path | None) -> None:
+    seed_from_donor(model, cfg, g, root)

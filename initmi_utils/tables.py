@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from initmi_utils.config import ExperimentConfig, RunPaths
-from initmi_utils.data import atomic_write
+from initmi_utils.config import ExperimentConfig, RunPaths, resolve_root
+from initmi_utils.io import atomic_write
 
 ID_COLUMNS = ["run", "scheme", "seed", "preset"]
 COLUMNS = ID_COLUMNS + ["step", "layer", "head", "metric", "value"]
@@ -36,20 +36,20 @@ def tidy(df: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
     return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
 
 
-def table_path(cfg: ExperimentConfig, name: str, root: str | Path = ".") -> Path:
+def table_path(cfg: ExperimentConfig, name: str, root: str | Path | None = None) -> Path:
     return RunPaths.of(cfg, root).tables / f"{name}.parquet"
 
 
-def write_table(df: pd.DataFrame, cfg: ExperimentConfig, name: str, root: str | Path = ".") -> Path:
+def write_table(df: pd.DataFrame, cfg: ExperimentConfig, name: str, root: str | Path | None = None) -> Path:
     path = table_path(cfg, name, root)
     out = tidy(df, cfg)
     atomic_write(path, lambda p: out.to_parquet(p, index=False))
     return path
 
 
-def read_table(preset: str, name: str, root: str | Path = ".") -> pd.DataFrame:
+def read_table(preset: str, name: str, root: str | Path | None = None) -> pd.DataFrame:
     """Table ``name`` of every run of ``preset`` under ``root`` (empty frame with COLUMNS if none)."""
-    paths = sorted((Path(root) / "data" / "runs" / preset).glob(f"*/seed*/{name}.parquet"))
+    paths = sorted((resolve_root(root) / "data" / "runs" / preset).glob(f"*/seed*/{name}.parquet"))
     if not paths:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)

@@ -44,9 +44,11 @@ from initmi_utils.checkpoints import (
     step_path,
 )
 from initmi_utils.config import ExperimentConfig, RunPaths, TrainConfig, experiment
-from initmi_utils.data import Dataset, atomic_write_text, load_dataset
-from initmi_utils.model import Transformer, loss_fn, torch_threads
+from initmi_utils.data import Dataset, load_dataset
+from initmi_utils.io import atomic_write_text
+from initmi_utils.model import Transformer, keep_freed_memory, loss_fn, torch_threads
 from initmi_utils.schemes import build_model, check_scheme
+import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 from initmi_utils.tables import table_path, write_table
 
 ADAPTIVE_DELTA = 0.1  # induction-accuracy change that triggers an extra checkpoint
@@ -132,7 +134,7 @@ def _check_same_config(found: dict, cfg: ExperimentConfig, where: Path) -> None:
         )
 
 
-def train(cfg: ExperimentConfig, root: str | Path = ".", progress: bool = True) -> pd.DataFrame:
+def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Train (or resume, or load) one run; returns its metrics in long format."""
     paths = RunPaths.of(cfg, root)
     folder, table = paths.checkpoints, table_path(cfg, "metrics", root)
@@ -142,6 +144,7 @@ def train(cfg: ExperimentConfig, root: str | Path = ".", progress: bool = True) 
         return pd.read_parquet(table)
 
     t = cfg.train
+    keep_freed_memory()
     with torch_threads(t.threads):
         ds = load_dataset(cfg, root)
         model = build_model(cfg, root)
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="quick")
     p.add_argument("--scheme", default="normal")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default=".")
+    p.add_argument("--root", default=None, help="project root for checkpoints/ and data/ (default: this project)")
     p.add_argument("--config", default=None, help="a JSON file of ExperimentConfig.to_dict() (overrides the rest)")
     a = p.parse_args(argv)
     try:
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             check_scheme(cfg.run.scheme)
         else:
             cfg = experiment(a.preset, a.scheme, a.seed)
+            check_scheme(cfg.run.scheme)
         train(cfg, a.root)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -238,12 +238,12 @@ def test_notebook_02_on_a_smoke_run(tmp_path):
 
     nb = Path(__file__).resolve().parent.parent / "notebooks" / "02_behavior.ipynb"
     # Untrained run: the notebook fails and says which training to run.
-    r = _papermill(nb, tmp_path / "untrained.ipynb", dict(init_scheme="xavier", seed=0, preset="smoke", root=str(tmp_path)))
+    r = _papermill(nb, tmp_path / "untrained.ipynb", dict(scheme="xavier", seed=0, preset="smoke", root=str(tmp_path)))
     assert r.returncode != 0 and "train it first" in (r.stderr + r.stdout)
 
     cfg = experiment("smoke", "xavier", 0)
     train(cfg, tmp_path, progress=False)
-    r = _papermill(nb, tmp_path / "02.ipynb", dict(init_scheme="xavier", seed=0, preset="smoke", root=str(tmp_path),
+    r = _papermill(nb, tmp_path / "02.ipynb", dict(scheme="xavier", seed=0, preset="smoke", root=str(tmp_path),
                                                    emergence_threshold=0.5))
     assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_parquet(RunPaths.of(cfg, tmp_path).tables / "behavior.parquet")

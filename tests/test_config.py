@@ -1,8 +1,11 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from initmi_utils.config import PRESETS, ConfigError, ExperimentConfig, ModelConfig, RunPaths, experiment
+from initmi_utils.config import (ROOT_ENV, PRESETS, ConfigError, ExperimentConfig, ModelConfig, RunPaths, experiment,
+                                 resolve_root)
+from initmi_utils.train import build_model  # train registers every built-in scheme, `seeded` too
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -55,8 +58,25 @@ def test_unknown_fields_and_presets_are_rejected():
         ExperimentConfig.from_dict(d)
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         experiment("huge")
-    with pytest.raises(ValueError, match="unknown init scheme 'xavir'.*normal"):
-        experiment("smoke", "xavir")
+    with pytest.raises(ConfigError, match="scheme name 'Xavier/1' must be lower-case"):
+        experiment("smoke", "Xavier/1")  # it names folders
+
+
+def test_an_unknown_scheme_is_refused_where_weights_are_built_listing_the_registered_ones():
+    cfg = experiment("smoke", "xavir")  # the config does not know the registry (a layer above it)
+    with pytest.raises(ConfigError, match="unknown init scheme 'xavir'.*normal, xavier.*seeded"):
+        build_model(cfg)
+
+
+def test_the_default_root_is_the_project_whatever_the_working_directory(tmp_path, monkeypatch):
+    project = Path(__file__).resolve().parent.parent
+    monkeypatch.delenv(ROOT_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_root(None) == resolve_root("") == project
+    assert RunPaths.of(experiment("smoke"), "").checkpoints.is_relative_to(project / "checkpoints")
+    assert resolve_root("elsewhere") == Path("elsewhere")
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path / "shared"))
+    assert resolve_root(None) == tmp_path / "shared"
 
 
 def test_run_paths_separate_runs(tmp_path):

@@ -108,7 +108,7 @@ def test_analyses_depend_on_their_run_s_training_only_and_the_comparison_on_ever
     # Trainings first, run by run; then every analysis, run by run.
     order = priority_order(chains)
     assert [j.notebook.number for j in order[:2]] == ["01", "01"]
-    assert [j.parameters["init_scheme"] for j in order[:2]] == ["normal", "xavier"]
+    assert [j.parameters["scheme"] for j in order[:2]] == ["normal", "xavier"]
     assert {j.notebook.number for j in order[2:]} == {nb.number for nb in notebooks if nb.per_run} - {"01"}
 
 

@@ -139,7 +139,7 @@ def _executed_03(tmp_path: Path) -> Path:
     out = tmp_path / "03_attention.ipynb"
     code = ("import papermill, json, sys; papermill.execute_notebook(sys.argv[1], sys.argv[2], "
             "parameters=json.loads(sys.argv[3]), kernel_name=sys.argv[4], cwd=sys.argv[5], progress_bar=False)")
-    params = json.dumps(dict(init_scheme="normal", seed=0, preset="smoke", root=str(tmp_path)))
+    params = json.dumps(dict(scheme="normal", seed=0, preset="smoke", root=str(tmp_path)))
     r = subprocess.run([sys.executable, "-c", code, str(nb), str(out), params, ensure_kernel(), str(nb.parent)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import initmi_utils.train as train_module
+from initmi_utils.donor import train_donor
 from initmi_utils.config import ConfigError, ModelConfig, RunPaths, experiment
 from initmi_utils.data import load_dataset
 from initmi_utils.model import Transformer
@@ -19,10 +20,11 @@ from initmi_utils.seeded import (
     STEP0_LOGIT_TOLERANCE,
     DonorConfig,
     DonorWarning,
+    DonorMissing,
     donor_experiment,
     embed_donor,
+    load_donor,
     to_donor_basis,
-    train_donor,
 )
 from initmi_utils.tables import read_table
 
@@ -145,6 +147,13 @@ def run(tmp_path_factory):
     return cfg, root
 
 
+def test_a_missing_donor_is_an_error_naming_the_command_that_trains_it(tmp_path):
+    cfg = experiment("smoke", "seeded", 0)
+    with pytest.raises(DonorMissing, match=r"python -m initmi_utils\.donor --preset smoke --seed 0 --root "):
+        build_model(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # the scheme loads; it never trains
+
+
 def test_seeded_student_matches_its_trained_donor_and_the_donor_is_trained_once(run, monkeypatch):
     cfg, root = run
     trainings = []
@@ -152,18 +161,22 @@ def test_seeded_student_matches_its_trained_donor_and_the_donor_is_trained_once(
     monkeypatch.setattr(train_module, "build_model", lambda c, r: trainings.append(c) or real_build(c, r))
 
     with pytest.warns(DonorWarning, match="no induction circuit"):  # 20 steps cannot teach induction
-        student = build_model(cfg, root)
+        donor = train_donor(cfg, root)
     assert len(trainings) == 1 and trainings[0].model == DONOR.model_config(cfg.model)
     with pytest.warns(DonorWarning):
-        donor = train_donor(cfg, root)
+        student = build_model(cfg, root)
     batch = load_dataset(cfg, root).val
     with torch.no_grad():
         assert _rel_rms(student(batch.tokens), donor(batch.tokens)) < STEP0_LOGIT_TOLERANCE
 
     with pytest.warns(DonorWarning):
-        again = build_model(cfg, root)  # reuses the cached donor
+        train_donor(cfg, root)  # cached: not trained again
+        again = build_model(cfg, root)
     assert len(trainings) == 1
     assert all(torch.equal(x, y) for x, y in zip(student.state_dict().values(), again.state_dict().values()))
+    with pytest.warns(DonorWarning):
+        loaded = load_donor(cfg, root)
+    assert all(torch.equal(x, y) for x, y in zip(donor.state_dict().values(), loaded.state_dict().values()))
 
 
 @pytest.mark.filterwarnings("ignore::initmi_utils.seeded.DonorWarning")

@@ -11,7 +11,7 @@ import torch
 from initmi_utils.config import experiment
 from initmi_utils.data import Dataset
 from initmi_utils.model import Transformer, to_bridge
-from initmi_utils.persistence import (
+from initmi_utils.donor_persistence import (
     ablation_scores,
     activations,
     induction_loss,

@@ -33,14 +33,16 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from initmi_utils.ablation import ablation_effects
 from initmi_utils.behavior import next_token_stats
+from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import ExperimentConfig
-from initmi_utils.data import Batch
+from initmi_utils.data import Batch, load_dataset
 from initmi_utils.geometry import linear_cka
 from initmi_utils.model import Transformer, to_bridge
-from initmi_utils.seeded import DONOR, DonorConfig, to_donor_basis, train_donor
+from initmi_utils.seeded import DONOR, DonorConfig, load_donor, to_donor_basis
 
 PERSISTENCE_METRICS = ("pattern_similarity_to_donor", "ablation_share", "cka_to_donor")
 
@@ -71,14 +73,14 @@ def activations(bridge, tokens: Tensor) -> dict[str, Tensor]:
     ``pattern{l}`` ``[batch head q k]`` and ``resid{l}`` (``blocks.{l}.hook_resid_post``,
     ``[batch pos d_model]``) of every layer."""
     n_layers = bridge.cfg.n_layers
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)]
-    names += [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
+    names = [get_act_name("pattern", l) for l in range(n_layers)]
+    names += [get_act_name("resid_post", l) for l in range(n_layers)]
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens, names_filter=names)
     out = {"logits": logits}
     for l in range(n_layers):
-        out[f"pattern{l}"] = cache[f"blocks.{l}.attn.hook_pattern"]
-        out[f"resid{l}"] = cache[f"blocks.{l}.hook_resid_post"]
+        out[f"pattern{l}"] = cache[get_act_name("pattern", l)]
+        out[f"resid{l}"] = cache[get_act_name("resid_post", l)]
     return out
 
 
@@ -132,18 +134,16 @@ def persistence_scores(model: Transformer, donor_acts: dict[str, Tensor], batch:
                       cka_scores(acts, donor_acts)], ignore_index=True)
 
 
-def persistence_table(cfg: ExperimentConfig, root: str | Path = ".", donor: DonorConfig = DONOR,
+def persistence_table(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR,
                       steps: list[int] | None = None, n_sequences: int = 128) -> pd.DataFrame:
     """Persistence scores of run ``cfg`` at each checkpoint (``steps``, default all) against the
     donor of its init seed, on the first ``n_sequences`` of the ``rep`` diagnostic set (the
     ablations cost one forward pass per head and checkpoint); long format (step, layer, head,
-    donor_head, metric, value). Trains the donor if it is not cached yet."""
-    from initmi_utils.checkpoints import list_checkpoints
-    from initmi_utils.data import load_dataset
-
+    donor_head, metric, value). The donor must be trained (``seeded.DonorMissing`` names the
+    command otherwise)."""
     rep = load_dataset(cfg, root).rep
     batch = Batch(rep.tokens[:n_sequences], rep.target[:n_sequences], rep.distractor[:n_sequences])
-    donor_acts = activations(to_bridge(train_donor(cfg, root, donor)), batch.tokens)
+    donor_acts = activations(to_bridge(load_donor(cfg, root, donor)), batch.tokens)
     ckpts = list_checkpoints(cfg, root)
     missing = sorted(set(steps or []) - set(ckpts.steps))
     if missing:

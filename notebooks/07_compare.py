@@ -1,0 +1,63 @@
+# %% [markdown]
+# # 07 · Compare schemes: RQ1–3 across seeds
+#
+# Reads every run's tables of a preset (`tables.read_table`, one schema) and answers:
+#
+# - **RQ1** training and emergence: curves per scheme with seed bands; emergence step with 95% bootstrap CI;
+#   survival curve (never-emerged seeds counted);
+# - **RQ2** mechanisms at step-matched and loss-matched checkpoints: the copying mechanism of every run (classic
+#   induction vs long-offset recall, from table `offsets`) with accuracy on short vs long copies, head roles,
+#   ablation matrices, localisation, and the "similar loss, different minds" table (ablation-profile distance,
+#   head-role disagreement, residual CKA);
+# - **RQ3** geometry trajectories with seed bands; early geometry vs emergence step;
+# - **persistence** of the `seeded` scheme's donor heads, against the same head slots under the other schemes.
+#
+# Statistics: mean ± 95% bootstrap CI over seeds, pairwise permutation tests with Holm correction, n seeds always
+# shown (`initmi_utils.compare` documents each choice). Missing or failed runs are named, not silently averaged away.
+# Writes `figures/<preset>/07_*.html`, `figures/<preset>/report.html` (one offline file) and the tables as CSV under
+# `data/compare/<preset>/`.
+
+# %% tags=["parameters"]
+preset: str = "quick"  # smoke | quick | full: which preset's runs to compare
+root: str = ""  # project root: reads its data/ and checkpoints/, writes figures/; empty: this project
+seeds: list = []  # init seeds the grid ran (the pipeline passes its --seeds); empty means the preset's
+emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction has emerged"
+match_step: int = -1  # step-matched view at this step; -1 means the last step every run has analysed
+loss_match_target: float = 0.0  # loss-matched view at this val loss; 0 means automatic (largest per-scheme median final val loss)
+role_threshold: float = 0.4  # attention score a head needs to get a role (induction, prev_token, duplicate, bos)
+similar_loss_eps: float = 0.05  # runs whose matched val losses differ by less than this are "similar loss"
+early_fraction: float = 0.1  # early geometry: the checkpoint nearest this fraction of training
+cka_sequences: int = 128  # validation sequences for residual-stream CKA (0 skips CKA)
+n_boot: int = 10000  # bootstrap resamples for confidence intervals
+n_perm: int = 10000  # permutations for tests (exact enumeration when there are fewer relabellings)
+
+# %%
+from initmi_utils import compare
+
+study = compare.load_study(preset, root, seeds)
+overview = compare.overview(study)
+overview.section.show()
+
+# %%
+rq1 = compare.rq1(study, emergence_threshold, n_boot=n_boot, n_perm=n_perm)
+rq1.section.show()
+
+# %%
+rq2 = compare.rq2(study, match_step=match_step, loss_match_target=loss_match_target, role_threshold=role_threshold,
+                  similar_loss_eps=similar_loss_eps, cka_sequences=cka_sequences, n_boot=n_boot, n_perm=n_perm)
+rq2.section.show()
+
+# %%
+rq3 = compare.rq3(study, rq1.tables.get("emergence"), early_fraction=early_fraction, n_boot=min(n_boot, 2000),
+                  n_perm=n_perm)
+rq3.section.show()
+
+# %%
+persistence = compare.persistence(study, n_boot=min(n_boot, 2000))
+persistence.section.show()
+
+# %%
+headline = compare.headline(study, rq1, rq2)
+headline.section.show()
+written = compare.save_outputs(study, [overview, headline, rq1, rq2, rq3, persistence])
+print("report:", written["report"])
