@@ -63,7 +63,7 @@ class LensBatch:
 
 def lens_batch(ds: Dataset, n_val: int | None = None, n_rep: int | None = None) -> LensBatch:
     """The first ``n_val`` validation and ``n_rep`` BOS + A + A sequences in one padded batch."""
-    parts: list[tuple[str, Batch]] = [("val", _head(ds.val, n_val)), ("rep", _head(ds.rep, n_rep))]
+    parts: list[tuple[str, Batch]] = [("val", _first_rows(ds.val, n_val)), ("rep", _first_rows(ds.rep, n_rep))]
     length = max(b.tokens.shape[1] for _, b in parts)
     tokens, masks, row = [], {}, 0
     n_total = sum(b.tokens.shape[0] for _, b in parts)
@@ -83,7 +83,7 @@ def lens_batch(ds: Dataset, n_val: int | None = None, n_rep: int | None = None) 
     return LensBatch(tokens, next_tokens, masks)
 
 
-def _head(b: Batch, n: int | None) -> Batch:
+def _first_rows(b: Batch, n: int | None) -> Batch:
     if n is None:
         return b
     if n < 1:

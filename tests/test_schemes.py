@@ -1,11 +1,13 @@
-"""Each base scheme on the real default model, checked against its theory."""
+"""Every registered scheme passes the generic checks; each base scheme is checked against its theory."""
 
 import math
 
 import pytest
 import torch
 
+import initmi_utils.seeded  # noqa: F401  (registers `seeded`: the generic checks cover the whole registry)
 from initmi_utils.config import experiment
+from initmi_utils.donor import train_donor
 from initmi_utils.model import Transformer
 from initmi_utils.schemes import (
     MATRIX_ROLES,
@@ -16,7 +18,24 @@ from initmi_utils.schemes import (
     register_scheme,
 )
 
-BASE = ["normal", "xavier", "kaiming", "orthogonal", "scaled_residual"]
+BASE = ["normal", "xavier", "kaiming", "orthogonal", "scaled_residual"]  # the theory tests below
+REGISTERED = list(SCHEMES)  # the generic tests: a newly registered scheme cannot escape them
+# Schemes that copy trained weights (LayerNorm gains, biases) instead of drawing them:
+COPIES_WEIGHTS = {"seeded"}
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    """A project root holding what schemes may read (the smoke donors of seeds 0 and 1)."""
+    root = tmp_path_factory.mktemp("scheme_artefacts")
+    with pytest.warns(UserWarning):  # 20 steps teach a donor no induction (DonorWarning)
+        for seed in (0, 1):
+            train_donor(smoke(seed), root)
+    return root
+
+
+def smoke(seed: int, scheme: str = "seeded"):
+    return experiment("smoke", scheme, seed).replace(train={"steps": 20, "threads": 1})
 
 
 def built(scheme, seed=0, cfg=None):
@@ -31,9 +50,14 @@ def matrices(model):
             yield name, role, logical_matrix(role, p.detach())
 
 
-@pytest.mark.parametrize("scheme", BASE)
-def test_scheme_is_finite_reproducible_and_seed_dependent(scheme):
-    a, b, c = built(scheme, 0), built(scheme, 0), built(scheme, 1)
+@pytest.mark.filterwarnings("ignore::initmi_utils.seeded.DonorWarning")
+@pytest.mark.parametrize("scheme", REGISTERED)
+def test_scheme_is_finite_reproducible_and_seed_dependent(scheme, artefacts):
+    def built_(seed):
+        cfg = smoke(seed, scheme)
+        return init_weights(Transformer(cfg.model), scheme, seed, cfg, artefacts)
+
+    a, b, c = built_(0), built_(0), built_(1)
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.isfinite(pa).all(), name
         assert torch.equal(pa, pb), name
@@ -43,15 +67,16 @@ def test_scheme_is_finite_reproducible_and_seed_dependent(scheme):
     assert torch.isfinite(a(tokens)).all()
 
 
-def test_schemes_differ_pairwise():
-    models = {s: built(s) for s in BASE}
-    for i, s in enumerate(BASE):
-        for t in BASE[i + 1 :]:
+@pytest.mark.filterwarnings("ignore::initmi_utils.seeded.DonorWarning")
+def test_schemes_differ_pairwise(artefacts):
+    models = {s: init_weights(Transformer(smoke(0, s).model), s, 0, smoke(0, s), artefacts) for s in REGISTERED}
+    for i, s in enumerate(REGISTERED):
+        for t in REGISTERED[i + 1 :]:
             w = lambda m: m.blocks[1].attn.W_O  # noqa: E731 - W_O differs for every pair, scaled_residual included
             assert not torch.allclose(w(models[s]), w(models[t])), (s, t)
 
 
-@pytest.mark.parametrize("scheme", BASE)
+@pytest.mark.parametrize("scheme", [s for s in REGISTERED if s not in COPIES_WEIGHTS])
 def test_layernorms_and_biases(scheme):
     m = built(scheme)
     for name, p in m.named_parameters():
@@ -108,7 +133,7 @@ def test_roles_are_matched_by_exact_name():
 
 
 def test_unknown_scheme_lists_the_supported_ones():
-    with pytest.raises(ValueError, match="unknown init scheme 'he'.*kaiming"):
+    with pytest.raises(ValueError, match="unknown init scheme 'he'.*kaiming.*seeded"):
         built("normal", cfg=None) and init_weights(Transformer(experiment("smoke").model), "he", 0)
 
 
