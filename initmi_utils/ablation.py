@@ -163,7 +163,12 @@ def position_labels(rep_len: int, offsets) -> list[str]:
 @contextlib.contextmanager
 def _without_progress_bars(module):
     """``transformer_lens.patching`` wraps its loops in ``tqdm`` with no switch to turn it off; a
-    notebook patching every checkpoint would print two bars per checkpoint into its output."""
+    notebook patching every checkpoint would print two bars per checkpoint into its output.
+
+    There is no supported per-call way: TL 4.3's patching functions take no ``disable`` or
+    ``verbose`` argument, and tqdm's ``TQDM_DISABLE`` environment variable is read once, when
+    tqdm is imported (``tqdm.utils.envwrap`` decorates ``tqdm.__init__``), so a running kernel
+    cannot set it. Hence the module attribute is swapped for the duration of the call only."""
     original = module.tqdm
     module.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
