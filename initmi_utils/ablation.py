@@ -14,8 +14,8 @@
   later head: which path a composition runs through (K: the match with the earlier copy; V: the
   copied token read from an earlier head's output).
 
-Every function takes the bridge and data, runs under ``torch.no_grad`` and returns a tidy long
-frame; ``layer``/``head`` always name the head a value is *about* (for an effect, the ablated or
+Every analysis takes the bridge and data, runs under ``torch.no_grad`` and returns a tidy long
+frame (``tables(cfg, root)`` runs them over every checkpoint of a run, for notebook 04); ``layer``/``head`` always name the head a value is *about* (for an effect, the ablated or
 patched head; for an induction-score change, the head whose score changed), and
 ``ablated_layer``/``ablated_head`` the head that was ablated (-1 where nothing was).
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -37,7 +38,9 @@ from transformer_lens.utilities import get_act_name
 
 from initmi_utils.attention import detection_masks, masked_score, pattern_names, patterns_from_cache
 from initmi_utils.behavior import next_token_stats
-from initmi_utils.data import Batch, PatchPairs
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.config import ExperimentConfig
+from initmi_utils.data import Batch, PatchPairs, load_dataset
 from initmi_utils.offsets import model_mechanism
 
 ABLATIONS = ("zero", "mean")
@@ -344,3 +347,45 @@ def mechanism_paths(model, bridge, val: Batch, rep: Batch) -> pd.DataFrame:
     if label["layer"] < 1:
         return pd.DataFrame(columns=["layer", "head", "metric", "value", "ablated_layer", "ablated_head", "mechanism"])
     return path_ablation_effects(model, bridge, rep, (label["layer"], label["head"])).assign(mechanism=label["label"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 04's tables.
+
+ABLATION_SOURCES = ("zero_ablation_logit_diff_delta", "mean_ablation_logit_diff_delta", "zero_ablation_acc_delta")
+PATCHING_SOURCES = ("patch_head_normalised",)  # the per-head effects whose localisation notebook 04 reports
+
+
+def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: int = 32, n_patch_pairs: int = 32,
+           positions_every_checkpoint: bool = False) -> dict[str, pd.DataFrame]:
+    """Notebook 04's tables of run ``cfg`` under ``root``: ``{"ablation", "patching", "paths"}``.
+
+    - ``ablation``: at every checkpoint, ``ablation_effects`` on the first ``n_examples`` sequences
+      of ``rep`` and the ``localisation_table`` of ``ABLATION_SOURCES`` (column ``source``);
+    - ``patching``: at every checkpoint, ``patching_effects`` on the first ``n_patch_pairs`` pairs,
+      per position only at the final checkpoint unless ``positions_every_checkpoint`` (slow), and
+      the ``localisation_table`` of ``PATCHING_SOURCES``;
+    - ``paths``: ``mechanism_paths`` at the final checkpoint (``val`` for the label, the same
+      ``rep`` subset for the ablations), with its ``step``; no rows when the label is ``none``.
+
+    ``ablated_layer``, ``ablated_head``, ``top_layer`` and ``top_head`` are -1 where they do not apply.
+    Raises ``CheckpointError`` naming the training to run if the run is not trained.
+    """
+    ckpts = list_checkpoints(cfg, root)
+    ds = load_dataset(cfg, root)
+    rep, pairs = subset_batch(ds.rep, n_examples), subset_pairs(ds.patch, n_patch_pairs)
+    final = ckpts.steps[-1]
+    ablation_frames, patching_frames, paths = [], [], None
+    for step, model, bridge in ckpts.bridges():
+        ab = ablation_effects(bridge, rep)
+        pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == final)
+        ablation_frames += [ab.assign(step=step), localisation_table(ab, ABLATION_SOURCES).assign(step=step)]
+        patching_frames += [pa.assign(step=step), localisation_table(pa, PATCHING_SOURCES).assign(step=step)]
+        if step == final:  # here, not after the loop: the bridge is refilled by every step
+            paths = mechanism_paths(model, bridge, ds.val, rep).assign(step=final)
+    out = {"ablation": pd.concat(ablation_frames, ignore_index=True), "patching": pd.concat(patching_frames, ignore_index=True)}
+    for df in out.values():
+        for col in ("ablated_layer", "ablated_head", "top_layer", "top_head"):
+            if col in df:
+                df[col] = df[col].fillna(-1).astype(int)
+    return {**out, "paths": paths}

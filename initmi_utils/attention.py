@@ -18,12 +18,13 @@ those where the pattern cannot occur (the first copy of BOS + A + A for duplicat
 a perfect induction head scores only ~0.5 there. We build the same detection masks batched
 from the tokens and normalise by the queries that have a match, so a perfect head scores 1;
 ``tests/test_attention.py`` checks that our scores equal the head detector's up to exactly that
-normalisation.
+normalisation. ``tables(cfg, root)`` scores every checkpoint of a run (notebook 03).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -33,7 +34,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from initmi_utils.data import BOS
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.config import ExperimentConfig
+from initmi_utils.data import BOS, load_dataset
+from initmi_utils.offsets import induction_queries, offset_table
 
 METRICS = ("prev_token_score", "duplicate_score", "induction_score", "bos_score", "attn_entropy")
 
@@ -126,6 +130,43 @@ def score_matrix(df: pd.DataFrame, metric: str) -> Float[Tensor, "layer head"]:
     """One metric of a ``head_scores`` frame back as a ``[layer, head]`` tensor (one step)."""
     sub = df[df.metric == metric].pivot_table(index="layer", columns="head", values="value")
     return torch.tensor(sub.values, dtype=torch.float32)
+
+
+def checkpoint_patterns(bridge, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch head q k"]:
+    """Every layer's attention pattern on ``tokens`` from one no-grad ``run_with_cache`` of ``bridge``."""
+    n_layers = bridge.cfg.n_layers
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens, names_filter=pattern_names(n_layers))
+    return patterns_from_cache(cache, n_layers)
+
+
+def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: int = 64,
+           n_offset_sequences: int = 64) -> dict[str, pd.DataFrame]:
+    """Notebook 03's tables of run ``cfg`` under ``root``, every checkpoint: ``{"attention", "offsets"}``.
+
+    - ``attention``: ``head_scores`` of the bridge's patterns on the first ``n_examples`` sequences
+      of ``rep`` (BOS + A + A);
+    - ``offsets``: ``offsets.offset_table`` (copy-offset profiles, summaries and the ``mechanism``
+      label) of the plain model's patterns on the first ``n_offset_sequences`` of ``val``, where the
+      copy distance varies (``model(tokens, patterns=[])`` computes the bridge's patterns, faster).
+
+    The third table of notebook 03, ``persistence``, is ``donor_persistence.tables`` (that module
+    sits above this one). Raises ``CheckpointError`` naming the training to run if the run is not
+    trained.
+    """
+    ckpts = list_checkpoints(cfg, root)
+    ds = load_dataset(cfg, root)
+    tokens = ds.rep.tokens[:n_examples]
+    val_tokens, val_queries = ds.val.tokens[:n_offset_sequences], induction_queries(ds.val.target[:n_offset_sequences])
+    frames, offset_frames = [], []
+    for step, model, bridge in ckpts.bridges():
+        frames.append(head_scores(checkpoint_patterns(bridge, tokens), tokens, step=step))
+        val_patterns: list[Tensor] = []
+        with torch.no_grad():
+            model(val_tokens, patterns=val_patterns)
+        offset_frames.append(offset_table(patterns_from_cache(val_patterns, cfg.model.n_layers), val_tokens, val_queries,
+                                          step=step))
+    return {"attention": pd.concat(frames, ignore_index=True), "offsets": pd.concat(offset_frames, ignore_index=True)}
 
 
 # ---------------------------------------------------------------------------------------------

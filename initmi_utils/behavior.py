@@ -3,12 +3,13 @@
 Plain functions of logits (or patterns) and a ``data.Batch``. We compute these ourselves because
 they are specific to this task's target mask and distractors; TransformerLens has no notion of
 either. Shapes: ``logits [batch pos d_vocab]``; a target at token position ``i`` is predicted by
-the logits at ``i - 1``.
+the logits at ``i - 1``. ``tables(cfg, root)`` runs them over every checkpoint of a run (notebook 02).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -16,7 +17,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from initmi_utils.data import Batch
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.config import ExperimentConfig
+from initmi_utils.data import Batch, load_dataset
+from initmi_utils.tables import table_path
 
 
 def next_token_stats(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> dict[str, float]:
@@ -264,3 +268,26 @@ def emergence_rows(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = 
     step = emergence_step(g.step.tolist(), g.value.tolist(), threshold)
     return pd.DataFrame([dict(step=-1, metric="emergence_step", value=step, position=-1, copy_distance=-1,
                                        threshold=float(threshold))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 02's table.
+
+
+def tables(cfg: ExperimentConfig, root: str | Path | None = None, emergence_threshold: float = 0.8) -> dict[str, pd.DataFrame]:
+    """Notebook 02's table of run ``cfg`` under ``root``: ``{"behavior": df}``.
+
+    ``df``: ``behavior_table`` of every checkpoint (one forward on ``val`` and one on ``rep`` per
+    step, under ``torch.no_grad``) followed by ``emergence_rows`` of the run's training metrics
+    (``metrics.parquet``) at ``emergence_threshold`` (step -1). Raises ``CheckpointError`` naming
+    the training to run if the run is not trained.
+    """
+    checkpoints = list_checkpoints(cfg, root)
+    ds = load_dataset(cfg, root)
+    rows = []
+    with torch.no_grad():
+        for step in checkpoints.steps:
+            model, _ = checkpoints.load(step)
+            rows.append(behavior_table(model(ds.val.tokens), ds.val, model(ds.rep.tokens), ds.rep, cfg.data.rep_len, step))
+    metrics = pd.read_parquet(table_path(cfg, "metrics", root))
+    return {"behavior": pd.concat(rows + [emergence_rows(metrics, emergence_threshold)], ignore_index=True)}

@@ -27,6 +27,9 @@ own ``utils.composition_scores``.)
   A random pair of matrices has a positive score of its own, so each is also reported as a
   z-score against a *null*: the same pairs in fresh models of the same init scheme at step 0
   (``composition_null``), ``k_composition_z`` etc.
+
+``tables(cfg, root)`` computes these and the ``geometry`` metrics at every checkpoint of a run
+(notebook 06; here because ``geometry`` sits below this module).
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ from torch import Tensor
 from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.utilities import composition_scores
 
-from initmi_utils.config import ModelConfig
-from initmi_utils.data import BOS
-from initmi_utils.geometry import single_threaded
+import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme, whose null ``composition_null`` draws)
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.config import ExperimentConfig, ModelConfig
+from initmi_utils.data import BOS, load_dataset
+from initmi_utils.geometry import geometry_table, hook_names, single_threaded
 from initmi_utils.model import Transformer
 from initmi_utils.schemes import init_weights
 
@@ -293,3 +298,35 @@ def circuits_table(model: Transformer, step: int, null: CompositionNull | None =
     for col in ("source_layer", "source_head"):
         df[col] = df[col].fillna(-1).astype(int) if col in df else -1
     return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 06's tables (here and not in ``geometry``, which sits below this module).
+
+
+def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_sequences: int = 64, null_models: int = 8,
+           store_singular_values: bool = True, null: CompositionNull | None = None) -> dict[str, pd.DataFrame]:
+    """Notebook 06's tables of run ``cfg`` under ``root``, every checkpoint: ``{"geometry", "circuits"}``.
+
+    - ``geometry``: ``geometry.geometry_table`` from one cached bridge forward on the first
+      ``n_sequences`` of ``val``, drift measured from this run's step 0 (every singular value too
+      if ``store_singular_values``);
+    - ``circuits``: ``circuits_table`` with composition z-scores against ``null``, by default
+      ``composition_null`` of ``null_models`` fresh inits of the run's scheme (pass one already
+      drawn, e.g. to print it first, to draw it once).
+
+    Raises ``CheckpointError`` naming the training to run if the run is not trained.
+    """
+    ckpts = list_checkpoints(cfg, root)
+    tokens = load_dataset(cfg, root).val.tokens[:n_sequences]
+    names = hook_names(cfg.model.n_layers)
+    model0, _ = ckpts.load(0)  # the drift reference: this run at step 0
+    if null is None:
+        null = composition_null(cfg.model, cfg.run.scheme, null_models, cfg, root)
+    geo_frames, circ_frames = [], []
+    for step, model, bridge in ckpts.bridges():
+        with torch.no_grad():
+            _, cache = bridge.run_with_cache(tokens, names_filter=names)
+        geo_frames.append(geometry_table(model, model0, cache, step, with_spectra=store_singular_values))
+        circ_frames.append(circuits_table(model, step, null, n_pos=cfg.data.seq_len))
+    return {"geometry": pd.concat(geo_frames, ignore_index=True), "circuits": pd.concat(circ_frames, ignore_index=True)}

@@ -21,14 +21,17 @@ run is the donor of its init seed, whatever the run's scheme):
 
 We compute these ourselves because TransformerLens has no donor-versus-student comparison;
 the activations come from TransformerLens (``run_with_cache`` on ``to_bridge``, one pass with
-cache per checkpoint; one ``run_with_hooks`` per ablated head).
+cache per checkpoint; one ``run_with_hooks`` per ablated head). ``tables(cfg, root, schedule)``
+is notebook 03's ``persistence`` table.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
@@ -153,6 +156,27 @@ def persistence_table(cfg: ExperimentConfig, root: str | Path | None = None, don
     df = pd.concat(frames, ignore_index=True)
     df["donor_head"] = df["donor_head"].fillna(-1).astype(int)
     return df[["step", "layer", "head", "donor_head", "metric", "value"]]
+
+
+def picked_steps(available: Sequence[int], schedule: Sequence[int] | None, n: int) -> list[int]:
+    """``n`` steps evenly spaced (by index; first and last included) over the checkpoints in
+    ``available`` that ``schedule`` lists (``None``: every one), so every run of a preset is scored
+    at the same steps whatever adaptive extra checkpoints it saved. Fewer when there are fewer."""
+    have = set(available)
+    regular = [s for s in (available if schedule is None else schedule) if s in have]
+    if not regular:
+        raise ValueError(f"none of the scheduled steps {list(schedule or [])} is a checkpoint (have {list(available)}).")
+    return sorted({regular[int(i)] for i in np.linspace(0, len(regular) - 1, n).round()})
+
+
+def tables(cfg: ExperimentConfig, root: str | Path | None = None, schedule: Sequence[int] | None = None,
+           persistence_checkpoints: int = 6) -> dict[str, pd.DataFrame]:
+    """Notebook 03's ``persistence`` table: ``{"persistence": persistence_table(...)}`` at
+    ``persistence_checkpoints`` steps picked by ``picked_steps`` from ``schedule`` (notebook 03
+    passes ``train.checkpoint_schedule(cfg.train)``, which this module cannot import: ``train`` sits
+    above it). The donor must be trained (``donor.donor_metrics`` trains it once)."""
+    steps = picked_steps(list_checkpoints(cfg, root).steps, schedule, persistence_checkpoints)
+    return {"persistence": persistence_table(cfg, root, steps=steps)}
 
 
 def seeded_slots(table: pd.DataFrame) -> pd.DataFrame:

@@ -23,12 +23,14 @@ is predictable only by copying, from the logits at ``i - 1``):
 - ``dataset="rep", position_type="induction"``: the second copy of BOS + A + A.
 
 ``lens_batch`` stacks ``val`` and ``rep`` into one token batch (``rep`` right-padded with BOS,
-harmless under a causal mask) so that one forward pass per checkpoint feeds every score.
+harmless under a causal mask) so that one forward pass per checkpoint feeds every score;
+``tables(cfg, root)`` does that at every checkpoint of a run (notebook 05).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -37,7 +39,9 @@ from torch import Tensor
 from transformer_lens.tools.analysis import logit_lens
 from transformer_lens.utilities import get_act_name
 
-from initmi_utils.data import BOS, Batch, Dataset
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.config import ExperimentConfig
+from initmi_utils.data import BOS, Batch, Dataset, load_dataset
 
 METRICS = ("correct_rank", "correct_prob", "correct_top1")
 
@@ -144,3 +148,20 @@ def logit_lens_table(cache, batch: LensBatch, rank1_fraction: float = 0.5) -> pd
             top1.append(values["correct_top1"])
         rows.append(dict(base, layer=-1, metric="first_rank1_layer", value=first_rank1_layer(top1, layers, rank1_fraction)))
     return pd.DataFrame(rows)
+
+
+def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_val: int = 128, n_rep: int = 64,
+           rank1_fraction: float = 0.5) -> dict[str, pd.DataFrame]:
+    """Notebook 05's table of run ``cfg`` under ``root``: ``{"logit_lens": df}``, ``df`` being
+    ``logit_lens_table`` of every checkpoint (one cached bridge forward each on
+    ``lens_batch(ds, n_val, n_rep)``) with its ``step``. Raises ``CheckpointError`` naming the
+    training to run if the run is not trained."""
+    ckpts = list_checkpoints(cfg, root)
+    batch = lens_batch(load_dataset(cfg, root), n_val, n_rep)
+    names = hook_names(cfg.model.n_layers)
+    frames = []
+    for step, _, bridge in ckpts.bridges():
+        with torch.no_grad():
+            _, cache = bridge.run_with_cache(batch.tokens, names_filter=names)
+        frames.append(logit_lens_table(cache, batch, rank1_fraction).assign(step=step))
+    return {"logit_lens": pd.concat(frames, ignore_index=True)}

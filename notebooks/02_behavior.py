@@ -26,32 +26,23 @@ emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction 
 
 # %%
 import pandas as pd
-import torch
 
 from initmi_utils import plots
-from initmi_utils.behavior import behavior_table, emergence_rows
+from initmi_utils.behavior import tables as behavior_tables
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
-from initmi_utils.data import load_dataset
 from initmi_utils.tables import table_path, write_table
 
 cfg = experiment(preset, scheme, seed)
+ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
 paths = RunPaths.of(cfg, root)
-checkpoints = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
-metrics = pd.read_parquet(table_path(cfg, "metrics", root))
-ds = load_dataset(cfg, root)
-print(f"{cfg.run.name} ({preset}): {len(checkpoints.steps)} checkpoints {checkpoints.steps}")
+print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")
 
 # %%
-rows = []
-with torch.no_grad():
-    for step in checkpoints.steps:
-        model, _ = checkpoints.load(step)
-        rows.append(behavior_table(model(ds.val.tokens), ds.val, model(ds.rep.tokens), ds.rep, cfg.data.rep_len, step))
-emergence = emergence_rows(metrics, emergence_threshold)
-behavior = pd.concat(rows + [emergence], ignore_index=True)
+behavior = behavior_tables(cfg, root, emergence_threshold=emergence_threshold)["behavior"]
 write_table(behavior, cfg, "behavior", root)
-emerged_at = emergence.value.item()
+metrics = pd.read_parquet(table_path(cfg, "metrics", root))  # the training curves plotted below
+emerged_at = behavior[behavior.metric == "emergence_step"].value.item()
 print("emergence step:", "never" if pd.isna(emerged_at) else int(emerged_at), f"(threshold {emergence_threshold})")
 scalars = behavior[(behavior.position == -1) & (behavior.copy_distance == -1)]
 scalars.pivot_table(index="step", columns="metric", values="value").round(3)

@@ -32,46 +32,31 @@ persistence_checkpoints: int = 6  # checkpoints (evenly spaced, first and last i
 n_offset_sequences: int = 64  # validation sequences for the copy-offset profiles and the mechanism label
 
 # %%
-import pandas as pd
-import torch
-from IPython.display import display
-
-from initmi_utils.attention import METRICS, attention_view, head_scores, pattern_names, patterns_from_cache, scores_grid_figure
+from initmi_utils.attention import METRICS, scores_grid_figure
+from initmi_utils.attention import tables as attention_tables
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
-from initmi_utils.data import load_dataset
-from initmi_utils.offsets import induction_queries, offset_table
+from initmi_utils.donor import donor_metrics
+from initmi_utils.donor_persistence import tables as persistence_tables
 from initmi_utils.plots import line_figure, save_figure
 from initmi_utils.tables import write_table
+from initmi_utils.train import checkpoint_schedule
 
 cfg = experiment(preset, scheme, seed)
 ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
 paths = RunPaths.of(cfg, root)
-ds = load_dataset(cfg, root)
-tokens = ds.rep.tokens[:n_examples]
-val_tokens, val_queries = ds.val.tokens[:n_offset_sequences], induction_queries(ds.val.target[:n_offset_sequences])
-print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, {len(tokens)} sequences of {tokens.shape[1]} tokens")
+final = ckpts.steps[-1]
+print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")
 
 # %% [markdown]
 # ## Scores at every checkpoint (one cached forward each)
 
 # %%
-frames, offset_frames = [], []
-for step, model, bridge in ckpts.bridges():
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens, names_filter=pattern_names(cfg.model.n_layers))
-        val_patterns = []
-        model(val_tokens, patterns=val_patterns)  # the plain model computes the bridge's patterns, faster
-    pattern = patterns_from_cache(cache, cfg.model.n_layers)
-    frames.append(head_scores(pattern, tokens, step=step))
-    offset_frames.append(offset_table(patterns_from_cache(val_patterns, cfg.model.n_layers), val_tokens, val_queries,
-                                      step=step))
-scores = pd.concat(frames, ignore_index=True)
-offsets = pd.concat(offset_frames, ignore_index=True)
-final_pattern = pattern  # the last checkpoint's, for the circuitsvis view
-write_table(scores, cfg, "attention", root)
-write_table(offsets, cfg, "offsets", root)
-scores[scores.step == ckpts.steps[-1]].pivot_table(index=["layer", "head"], columns="metric", values="value").round(3)
+tables = attention_tables(cfg, root, n_examples=n_examples, n_offset_sequences=n_offset_sequences)
+for name, df in tables.items():
+    write_table(df, cfg, name, root)
+scores, offsets = tables["attention"], tables["offsets"]
+scores[scores.step == final].pivot_table(index=["layer", "head"], columns="metric", values="value").round(3)
 
 # %% [markdown]
 # ## Scores over training
@@ -93,14 +78,14 @@ fig.show()
 
 # %%
 labels = offsets[offsets.metric == "mechanism"][["step", "label", "layer", "head", "source_layer", "source_head"]]
-print(f"{cfg.run.name}: {labels.label.iloc[-1]} at step {ckpts.steps[-1]}")
-final_offsets = offsets[(offsets.step == ckpts.steps[-1]) & (offsets.layer >= 1)]
+print(f"{cfg.run.name}: {labels.label.iloc[-1]} at step {final}")
+final_offsets = offsets[(offsets.step == final) & (offsets.layer >= 1)]
 for metric, what in (("copy_offset_mass", "attention by offset from the earlier copy"),
                      ("composed_copy_offset_mass", "attention rolled back through each layer-0 head")):
     sub = final_offsets[final_offsets.metric == metric]
     sub = sub.assign(line="L" + sub.layer.astype(str) + "H" + sub["head"].astype(str)
                      + sub.source_head.map(lambda h: f" via L0H{h}" if h >= 0 else ""))
-    fig = line_figure(sub, f"{cfg.run.name} step {ckpts.steps[-1]}: {what}", x="offset", color="line",
+    fig = line_figure(sub, f"{cfg.run.name} step {final}: {what}", x="offset", color="line",
                       y_title="attention mass")
     save_figure(fig, paths.figures / f"03_{metric}")
     fig.show()
@@ -113,8 +98,17 @@ labels.set_index("step")
 # enlarge it). The JavaScript is inlined from the installed package, so this renders offline.
 
 # %%
+from IPython.display import display
+
+from initmi_utils.attention import attention_view, checkpoint_patterns
+from initmi_utils.data import load_dataset
+from initmi_utils.model import to_bridge
+
+model, _ = ckpts.load(final)
+tokens = load_dataset(cfg, root).rep.tokens[:n_examples]  # the sequences the scores were measured on
+final_pattern = checkpoint_patterns(to_bridge(model), tokens)
 view = attention_view(final_pattern[:, view_example], tokens[view_example].tolist(),
-                      title=f"{cfg.run.name} step {ckpts.steps[-1]}, sequence {view_example}")
+                      title=f"{cfg.run.name} step {final}, sequence {view_example}")
 paths.figures.mkdir(parents=True, exist_ok=True)
 (paths.figures / "03_attention_final.html").write_text(f"<!DOCTYPE html><html><body>{view.html}</body></html>", encoding="utf-8")
 display(view)
@@ -130,20 +124,16 @@ display(view)
 # The donor of this seed is trained once and cached (`checkpoints/<preset>/_donors/`).
 
 # %%
-import numpy as np
-
-from initmi_utils.donor_persistence import persistence_table, seeded_slots
-from initmi_utils.plots import line_figure
-from initmi_utils.seeded import donor_metrics
-from initmi_utils.train import checkpoint_schedule
-
-donor = donor_metrics(cfg, root)
+donor = donor_metrics(cfg, root)  # trains the donor of this seed first if it is not cached
 print("donor at its last step:", donor[donor.step == donor.step.max()].set_index("metric").value[["val_loss", "val_acc_induction"]].round(3).to_dict())
 # Steps from the fixed schedule (not the adaptive extra checkpoints), so every run is scored at the same steps.
-regular = [s for s in checkpoint_schedule(cfg.train) if s in ckpts.steps]
-picked = sorted({regular[int(i)] for i in np.linspace(0, len(regular) - 1, persistence_checkpoints).round()})
-persistence = persistence_table(cfg, root, steps=picked)
+persistence = persistence_tables(cfg, root, schedule=checkpoint_schedule(cfg.train),
+                                 persistence_checkpoints=persistence_checkpoints)["persistence"]
 write_table(persistence, cfg, "persistence", root)
+
+# %%
+from initmi_utils.donor_persistence import seeded_slots
+
 slots = seeded_slots(persistence).assign(slot=lambda d: "L" + d.layer.astype(str) + d["head"].map(lambda h: f"H{h}" if h >= 0 else ""))
 for metric in ("pattern_similarity_to_donor", "ablation_share", "cka_to_donor"):
     fig = line_figure(slots[slots.metric == metric], f"{cfg.run.name}: {metric} of the seeded slots", color="slot", y_title=metric)

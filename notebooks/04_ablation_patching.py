@@ -27,43 +27,30 @@ positions_every_checkpoint: bool = False  # per-position patching at every check
 import pandas as pd
 import plotly.express as px
 
-from initmi_utils.ablation import (ablation_effects, localisation_table, mechanism_paths, patching_effects, subset_batch,
-                                  subset_pairs)
+from initmi_utils.ablation import tables as ablation_tables
 from initmi_utils.attention import scores_grid_figure, scores_over_training_figure
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
-from initmi_utils.data import load_dataset
 from initmi_utils.plots import line_figure, save_figure
 from initmi_utils.tables import write_table
 
 cfg = experiment(preset, scheme, seed)
 ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
 paths = RunPaths.of(cfg, root)
-ds = load_dataset(cfg, root)
-rep, pairs = subset_batch(ds.rep, n_examples), subset_pairs(ds.patch, n_patch_pairs)
-ABLATION_SOURCES = ("zero_ablation_logit_diff_delta", "mean_ablation_logit_diff_delta", "zero_ablation_acc_delta")
-PATCHING_SOURCES = ("patch_head_normalised",)
+final = ckpts.steps[-1]
 print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")
 
 # %% [markdown]
 # ## Ablations and patching at every checkpoint
+#
+# `ablation.tables` also computes the table `paths` at the final checkpoint (last section).
 
 # %%
-ablation_frames, patching_frames = [], []
-for step, model, bridge in ckpts.bridges():
-    ab = ablation_effects(bridge, rep)
-    pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == ckpts.steps[-1])
-    ablation_frames += [ab.assign(step=step), localisation_table(ab, ABLATION_SOURCES).assign(step=step)]
-    patching_frames += [pa.assign(step=step), localisation_table(pa, PATCHING_SOURCES).assign(step=step)]
-ablation = pd.concat(ablation_frames, ignore_index=True)
-patching = pd.concat(patching_frames, ignore_index=True)
-for df in (ablation, patching):
-    for col in ("ablated_layer", "ablated_head", "top_layer", "top_head"):
-        if col in df:
-            df[col] = df[col].fillna(-1).astype(int)
-write_table(ablation, cfg, "ablation", root)
-write_table(patching, cfg, "patching", root)
-final = ckpts.steps[-1]
+tables = ablation_tables(cfg, root, n_examples=n_examples, n_patch_pairs=n_patch_pairs,
+                         positions_every_checkpoint=positions_every_checkpoint)
+for name, df in tables.items():
+    write_table(df, cfg, name, root)
+ablation, patching, paths_table = tables["ablation"], tables["patching"], tables["paths"]
 ablation[(ablation.step == final) & (ablation.ablated_layer == ablation.layer) & (ablation.ablated_head == ablation["head"])].pivot_table(
     index=["layer", "head"], columns="metric", values="value").round(3)
 
@@ -137,9 +124,6 @@ loc[loc.step == final][["source", "metric", "value", "top_layer", "top_head"]]
 # copied token is read from a layer-0 head's output. Table `paths`.
 
 # %%
-# model and bridge hold the final checkpoint: the last one of the loop above
-paths_table = mechanism_paths(model, bridge, ds.val, rep).assign(step=final)
-write_table(paths_table, cfg, "paths", root)
 if paths_table.empty:
     print(f"step {final}: no copying head (mechanism none), so no paths to ablate")
 else:

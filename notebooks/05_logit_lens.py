@@ -23,39 +23,27 @@ n_rep: int = 64  # BOS + A + A sequences (induction positions of the standard di
 rank1_fraction: float = 0.5  # a layer reaches rank 1 when the correct token is the argmax at this fraction of positions or more
 
 # %%
-import pandas as pd
 import plotly.express as px
-import torch
 
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
-from initmi_utils.data import load_dataset
-from initmi_utils.logit_lens import hook_names, lens_batch, logit_lens_table
+from initmi_utils.logit_lens import tables as logit_lens_tables
 from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.tables import write_table
 
 cfg = experiment(preset, scheme, seed)
 ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
 paths = RunPaths.of(cfg, root)
-batch = lens_batch(load_dataset(cfg, root), n_val, n_rep)
-names = hook_names(cfg.model.n_layers)
-print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, batch {tuple(batch.tokens.shape)}")
-
-
+final = ckpts.steps[-1]
+print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")
 
 # %% [markdown]
 # ## The lens at every checkpoint (one cached forward each)
 
 # %%
-frames = []
-for step, model, bridge in ckpts.bridges():
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(batch.tokens, names_filter=names)
-    frames.append(logit_lens_table(cache, batch, rank1_fraction).assign(step=step))
-lens = pd.concat(frames, ignore_index=True)
+lens = logit_lens_tables(cfg, root, n_val=n_val, n_rep=n_rep, rank1_fraction=rank1_fraction)["logit_lens"]
 write_table(lens, cfg, "logit_lens", root)
 lens["where"] = lens.dataset + " " + lens.position_type
-final = ckpts.steps[-1]
 lens[(lens.step == final) & (lens.metric != "first_rank1_layer")].pivot_table(
     index=["where", "metric"], columns="layer", values="value").round(3)
 

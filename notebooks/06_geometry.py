@@ -29,43 +29,32 @@ store_singular_values: bool = True  # also store every singular value (metric si
 import numpy as np
 import pandas as pd
 import plotly.express as px
-import torch
 
 from initmi_utils.checkpoints import list_checkpoints
-from initmi_utils.circuits import circuits_table, composition_null
+from initmi_utils.circuits import composition_null
+from initmi_utils.circuits import tables as geometry_circuits_tables
 from initmi_utils.config import RunPaths, experiment
-from initmi_utils.data import load_dataset
-from initmi_utils.geometry import geometry_table, hook_names
 from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.tables import write_table
 
 cfg = experiment(preset, scheme, seed)
 ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
 paths = RunPaths.of(cfg, root)
-tokens = load_dataset(cfg, root).val.tokens[:n_sequences]
-names = hook_names(cfg.model.n_layers)
-model0, _ = ckpts.load(0)  # the drift reference: this run at step 0
+final = ckpts.steps[-1]
 null = composition_null(cfg.model, scheme, null_models, cfg, root)
-print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}, {len(tokens)} sequences")
+print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.steps)}")
 print("composition null (mean ± std):", {f"{m} L{s}->L{l}": f"{null.mean[(m, s, l)]:.3f} ± {null.std[(m, s, l)]:.3f}" for m, s, l in null.mean})
-
-
 
 # %% [markdown]
 # ## Every checkpoint (one cached forward each)
+#
+# `circuits.tables` computes both tables in one pass over the checkpoints, with the null drawn above.
 
 # %%
-geo_frames, circ_frames = [], []
-for step, model, bridge in ckpts.bridges():
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens, names_filter=names)
-    geo_frames.append(geometry_table(model, model0, cache, step, with_spectra=store_singular_values))
-    circ_frames.append(circuits_table(model, step, null, n_pos=cfg.data.seq_len))
-geometry = pd.concat(geo_frames, ignore_index=True)
-circuits = pd.concat(circ_frames, ignore_index=True)
-write_table(geometry, cfg, "geometry", root)
-write_table(circuits, cfg, "circuits", root)
-final = ckpts.steps[-1]
+tables = geometry_circuits_tables(cfg, root, n_sequences=n_sequences, store_singular_values=store_singular_values, null=null)
+for name, df in tables.items():
+    write_table(df, cfg, name, root)
+geometry, circuits = tables["geometry"], tables["circuits"]
 head = lambda df: "L" + df.layer.astype(str) + "H" + df["head"].astype(str)  # noqa: E731
 circuits[(circuits.step == final) & ~circuits.metric.str.contains("composition")].pivot_table(
     index=["layer", "head"], columns="metric", values="value").round(3)

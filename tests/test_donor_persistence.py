@@ -22,7 +22,9 @@ from initmi_utils.donor_persistence import (
     seeded_slots,
 )
 from initmi_utils.schemes import init_weights
-from initmi_utils.seeded import DONOR, embed_donor
+from initmi_utils.donor import donor_metrics
+from initmi_utils.seeded import DONOR, DonorMissing, embed_donor
+from initmi_utils.train import train
 
 CFG = experiment("smoke", "normal", 0)
 
@@ -119,9 +121,10 @@ def test_seeded_student_at_step_0_matches_its_donor_and_a_random_model_does_not(
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::initmi_utils.seeded.DonorWarning")
 def test_persistence_table_over_a_trained_seeded_run(tmp_path):
-    from initmi_utils.train import train
-
     cfg = experiment("smoke", "seeded", 0).replace(train={"steps": 20, "threads": 1})
+    with pytest.raises(DonorMissing, match="python -m initmi_utils.donor"):
+        persistence_table(cfg, tmp_path)
+    donor_metrics(cfg, tmp_path)
     train(cfg, tmp_path, progress=False)
     table = persistence_table(cfg, tmp_path)
     assert {"pattern_similarity_to_donor", "ablation_share", "cka_to_donor"} <= set(table.metric)
