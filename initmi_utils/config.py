@@ -102,6 +102,9 @@ class TrainConfig:
     donor_steps: int = 0  # steps of the `seeded` scheme's smaller donor; 0 = steps
     donor_lr: float = 3e-3  # the donor's lr (0 = lr): at 3e-3 the d64 donor emerges ~1300, at 1e-3 ~2600
     stop_after_emergence: int = -1  # >= 0: end this many steps after induction emerges (donors); -1 = all steps
+    loss_ladder: tuple[float, ...] = ()  # val-loss levels: the first step at or below each gets a checkpoint
+    induction_loss_ladder: tuple[float, ...] = ()  # the same for the loss on induction targets
+    ladder_sequences: int = 128  # the fixed validation subset (its first sequences) the ladder is measured on
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.ckpt_every < 1:
@@ -110,6 +113,8 @@ class TrainConfig:
             raise ConfigError("train.emergence_threshold must lie in (0, 1].")
         if self.stop_after_emergence < -1:
             raise ConfigError("train.stop_after_emergence must be -1 (train every step) or >= 0.")
+        if self.ladder_sequences < 1 or any(level <= 0 for level in self.loss_ladder + self.induction_loss_ladder):
+            raise ConfigError("train.ladder_sequences must be >= 1 and every loss-ladder level > 0 (nats).")
         if self.lr <= 0 or self.donor_lr < 0:
             raise ConfigError(f"train.lr must be > 0 and train.donor_lr >= 0 (0 = lr); got {self.lr}, {self.donor_lr}.")
 
@@ -163,8 +168,7 @@ class ExperimentConfig:
             raise ConfigError("data.n_successors must be >= 1.")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["train"]["betas"] = list(self.train.betas)
+        d = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as JSON stores them
         d["version"] = __version__
         return d
 
@@ -197,21 +201,32 @@ class ExperimentConfig:
 # Presets. The science sets their lengths: `full` must run long enough for the slowest scheme
 # (scaled-residual emerged near step 2150 in the first measurements) to emerge or convincingly not.
 
+# The loss ladder of the default model's presets (nats; the loss-matched comparison picks one
+# level). Every level of the val-loss ladder lies below the pre-induction plateau (val loss
+# 2.45-2.55 at step 1000 of quick runs that have not emerged; 2.45 at step 6000 of one that never
+# did), so reaching it needs induction; the induction-loss ladder spans the plateau (4.2-4.7) to
+# trained models (0.13-0.6 in the quick grid).
+LOSS_LADDER = (2.3, 2.1, 1.9, 1.8, 1.75, 1.7)
+INDUCTION_LOSS_LADDER = (3.0, 2.0, 1.0, 0.5, 0.3, 0.2)
+
 PRESETS: dict[str, ExperimentConfig] = {
     # Seconds per run: a tiny model and a handful of steps; exercises every code path.
     "smoke": ExperimentConfig(
         model=ModelConfig(n_layers=2, n_heads=2, d_model=32, d_mlp=64, d_vocab=32, n_ctx=32),
         data=DataConfig(seq_len=32, segment_min=4, segment_max=8, n_val=64, rep_len=10, n_diagnostic=32),
-        train=TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=10, ckpt_every=20, n_log_ckpts=3),
+        train=TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=10, ckpt_every=20, n_log_ckpts=3,
+                          loss_ladder=(3.3, 3.2), induction_loss_ladder=(3.6,)),
     ),
     # Minutes per run: the default model, long enough for the fast schemes to learn induction.
     # Both share the donor (lr 3e-3, until 1000 steps after its induction emerges, at most 8000
     # steps), so the seeded quick run is a prefix of the full one.
     "quick": ExperimentConfig(train=TrainConfig(steps=1200, eval_every=50, ckpt_every=200, n_log_ckpts=8,
-                                                donor_steps=8000)),
+                                                donor_steps=8000, loss_ladder=LOSS_LADDER,
+                                                induction_loss_ladder=INDUCTION_LOSS_LADDER)),
     # The study: long enough for the slow schemes.
     "full": ExperimentConfig(train=TrainConfig(steps=6000, eval_every=50, ckpt_every=250, n_log_ckpts=12,
-                                               donor_steps=8000)),
+                                               donor_steps=8000, loss_ladder=LOSS_LADDER,
+                                               induction_loss_ladder=INDUCTION_LOSS_LADDER)),
 }
 
 PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4)}

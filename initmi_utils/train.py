@@ -13,6 +13,19 @@ Checkpoints: step 0, log-spaced steps, every ``ckpt_every`` steps, the final ste
 around emergence, every evaluation at which induction accuracy moved by >= ``ADAPTIVE_DELTA``
 since the last checkpoint.
 
+The loss ladder: for every level of ``train.loss_ladder`` (val loss) and
+``train.induction_loss_ladder`` (loss on induction targets), the first step at which the loss on
+a fixed validation subset (its first ``train.ladder_sequences`` sequences) is at or below the
+level gets a checkpoint, so that runs can be compared at matched loss within one step's change
+of loss instead of the 0.5 nats two evaluations can be apart during emergence. How: the model
+and optimizer state of the last evaluation are kept in memory; when an evaluation finds a level
+crossed, those ``eval_every`` steps are replayed from that state with the subset evaluated after
+every step (``ladder_replay``). Training is deterministic given (state, step), so the replayed
+steps are the steps trained (tested bit for bit), and training itself is unchanged: the
+evaluations only read the model. The crossings are recorded in ``done.json`` (``ladder``) and in
+the table ``ladder``; the evaluation that found them also checkpoints, so a resumed run knows
+them.
+
 ``train.stop_after_emergence >= 0`` ends a run that many steps (rounded up to an evaluation)
 after its validation induction accuracy first reaches ``train.emergence_threshold``; ``steps`` is
 then a cap. The ``seeded`` scheme's donors train this way: how long the loss plateau before
@@ -25,6 +38,7 @@ Command line: ``python -m initmi_utils.train --preset quick --scheme xavier --se
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -37,6 +51,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from initmi_utils.behavior import induction_scores, next_token_stats
+from initmi_utils.data import Batch
 from initmi_utils.checkpoints import (
     load_resume_state,
     save_checkpoint,
@@ -99,6 +114,63 @@ def evaluate(model: Transformer, ds: Dataset) -> dict[str, float]:
     return out
 
 
+LADDERS = {"val_loss": "loss_ladder", "val_loss_induction": "induction_loss_ladder"}  # ladder -> TrainConfig field
+
+
+@torch.no_grad()
+def ladder_losses(model: Transformer, ds: Dataset, t: TrainConfig) -> dict[str, float]:
+    """Val loss and induction loss on the ladder's fixed subset (the first ``ladder_sequences``
+    validation sequences): the quantities the ladder's levels are crossed by."""
+    n = min(t.ladder_sequences, ds.val.tokens.shape[0])
+    sub = Batch(ds.val.tokens[:n], ds.val.target[:n], ds.val.distractor[:n])
+    was_training = model.training
+    model.eval()
+    stats = next_token_stats(model(sub.tokens), sub)
+    model.train(was_training)
+    return {"val_loss": stats["loss"], "val_loss_induction": stats["loss_induction"]}
+
+
+def _pending(state: dict, t: TrainConfig) -> list[tuple[str, float]]:
+    """The (ladder, level) pairs not crossed yet."""
+    return [(name, level) for name, field in LADDERS.items() for level in getattr(t, field)
+            if repr(level) not in state["ladder"][name]]
+
+
+def _crossed(losses: dict[str, float], pending: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    return [(name, level) for name, level in pending if losses[name] <= level]
+
+
+def _snapshot(model: Transformer, opt: torch.optim.Optimizer, step: int) -> dict:
+    """Model and optimizer state at ``step``, copied, to replay the steps after it."""
+    return {"step": step, "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "opt": copy.deepcopy(opt.state_dict())}
+
+
+def ladder_replay(snapshot: dict, cfg: ExperimentConfig, ds: Dataset, until: int, pending: list[tuple[str, float]],
+                  on_crossing: Callable[[int, Transformer, list[tuple[str, float], dict[str, float]]], None]) -> None:
+    """Replay the steps after ``snapshot["step"]`` and before ``until`` on a copy of the model,
+    evaluate the ladder's subset after each, and call ``on_crossing(step, model, levels, losses)``
+    at the first step at or below each pending level (several levels can share a step). Step
+    ``until`` itself is the live model's: the caller evaluated it already."""
+    t = cfg.train
+    model = Transformer(cfg.model)
+    model.load_state_dict(snapshot["model"])
+    model.train()
+    opt, _ = _optimizer(model, t)
+    opt.load_state_dict(snapshot["opt"])
+    left = list(pending)
+    for step in range(snapshot["step"], until - 1):
+        batch = ds.train_batch(step, t.batch_size)
+        optimizer_step(opt, lambda: loss_fn(model(batch.tokens), batch.tokens), model.parameters(), step, t)
+        losses = ladder_losses(model, ds, t)
+        hit = _crossed(losses, left)
+        if hit:
+            on_crossing(step + 1, model, hit, losses)
+            left = [p for p in left if p not in hit]
+        if not left:
+            return
+
+
 def _optimizer(model: Transformer, t: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
     """AdamW with decoupled weight decay on matrices only (not LayerNorm gains or biases)."""
     named = list(model.named_parameters())
@@ -159,13 +231,26 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
         else:
             metrics = evaluate(model, ds)
             state = {"config": cfg.to_dict(), "step": 0, "rows": _rows(0, metrics), "loss_sum": 0.0,
-                     "loss_n": 0, "ckpt_acc": metrics["val_acc_induction"], "checkpoints": [0]}
+                     "loss_n": 0, "ckpt_acc": metrics["val_acc_induction"], "checkpoints": [0],
+                     "ladder": {name: {} for name in LADDERS}}
+            losses = ladder_losses(model, ds, t)
+            for name, level in _crossed(losses, _pending(state, t)):  # a run may start below a level
+                state["ladder"][name][repr(level)] = {"step": 0, "loss": losses[name]}
             save_checkpoint(folder, model, cfg, 0, metrics)
             save_resume_state(folder, opt, names, state)
             write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
 
         bar = tqdm(total=t.steps, initial=state["step"], file=sys.stdout, ascii=True, mininterval=5,
                    disable=not progress, desc=cfg.run.name)
+        snapshot = _snapshot(model, opt, state["step"]) if _pending(state, t) else None
+
+        def on_crossing(step: int, replayed: Transformer, levels: list, losses: dict) -> None:
+            for name, level in levels:
+                state["ladder"][name][repr(level)] = {"step": step, "loss": losses[name]}
+            found = evaluate(replayed, ds)
+            state["rows"] += _rows(step, found)
+            state["checkpoints"].append(step)
+            save_checkpoint(folder, replayed, cfg, step, found)
         for step in range(state["step"], t.steps):
             batch = ds.train_batch(step, t.batch_size)
             loss = optimizer_step(opt, lambda: loss_fn(model(batch.tokens), batch.tokens), model.parameters(), step, t)
@@ -179,6 +264,14 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
                 metrics = evaluate(model, ds)
                 metrics["train_loss"] = state["loss_sum"] / state["loss_n"]
                 state["loss_sum"], state["loss_n"] = 0.0, 0
+                if snapshot is not None:
+                    pending, losses = _pending(state, t), ladder_losses(model, ds, t)
+                    if _crossed(losses, pending):
+                        ladder_replay(snapshot, cfg, ds, done_steps, pending, on_crossing)
+                        for name, level in _crossed(losses, _pending(state, t)):  # first crossed at this step
+                            state["ladder"][name][repr(level)] = {"step": done_steps, "loss": losses[name]}
+                        is_ckpt = True  # the resume state then holds the crossings just found
+                    snapshot = _snapshot(model, opt, done_steps) if _pending(state, t) else None
                 state["rows"] += _rows(done_steps, metrics)
                 bar.set_postfix(loss=f"{metrics['val_loss']:.3f}", ind_acc=f"{metrics['val_acc_induction']:.2f}",
                                 refresh=False)
@@ -196,13 +289,31 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
         bar.close()
 
     write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
+    write_table(ladder_table(state.get("ladder", {}), t), cfg, "ladder", root)
     last = state["checkpoints"][-1]
     atomic_write_text(done, json.dumps({"config": cfg.to_dict(), "checkpoints": state["checkpoints"],
                                         "final_step": last, "emerged_at": state.get("emerged_at"),
+                                        "ladder": state.get("ladder", {}),
                                         "final_metrics": {r["metric"]: r["value"] for r in state["rows"]
                                                           if r["step"] == last}}, indent=2, sort_keys=True))
     (folder / "resume.safetensors").unlink(missing_ok=True)
     return pd.read_parquet(table)
+
+
+def ladder_table(ladder: dict, t: TrainConfig) -> pd.DataFrame:
+    """One row per ladder level: ``metric`` the ladder (``val_loss`` / ``val_loss_induction``),
+    ``level``, ``step`` the first step at or below it (``-1``: not reached), ``value`` the
+    subset loss there and ``tolerance`` = level - value (>= 0; how far past the level the step
+    landed)."""
+    rows = []
+    for name, field in LADDERS.items():
+        for level in getattr(t, field):
+            hit = ladder.get(name, {}).get(repr(level))
+            rows.append(dict(step=hit["step"] if hit else -1, metric=f"ladder_{name}", level=float(level),
+                             value=hit["loss"] if hit else float("nan"),
+                             tolerance=level - hit["loss"] if hit else float("nan")))
+    columns = ["step", "metric", "level", "value", "tolerance"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def main(argv: list[str] | None = None) -> int:

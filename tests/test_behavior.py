@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
+from initmi_utils.data import Batch
+
 from initmi_utils.behavior import (
     SHORT_COPY,
     accuracy_by_copy_distance,
@@ -26,6 +28,7 @@ from initmi_utils.behavior import (
     icl_score,
     loss_by_position,
     next_token_stats,
+    unambiguous_targets,
 )
 
 V = 16  # vocabulary of the hand-built logits
@@ -256,3 +259,20 @@ def test_notebook_02_on_a_smoke_run(tmp_path):
         assert "cdn.plot.ly" not in text  # offline: plotly.js is the one local copy under figures/
         src = re.search(r'<script charset="utf-8" src="([^"]*plotly\.min\.js)"', text).group(1)
         assert (f.parent / src).resolve().stat().st_size > 3_000_000
+
+
+def test_unambiguous_targets_are_those_whose_query_occurred_exactly_once_before():
+    #        pos:  0   1  2  3  4  5  6  7  8  9
+    tokens = torch.tensor([[0, 5, 7, 5, 9, 3, 5, 9, 3, 1]])
+    target = torch.zeros_like(tokens, dtype=torch.bool)
+    target[0, [7, 8]] = True  # 9 after the second 5 ... and 3 after 9
+    batch = Batch(tokens, target, torch.full_like(tokens, -1))
+    u = unambiguous_targets(batch)
+    # target 7: query token 5 (pos 6) occurred at 1 and 3 before: ambiguous (5 -> 7 or 5 -> 9).
+    # target 8: query token 9 (pos 7) occurred once before (pos 4): unambiguous.
+    assert u[0].tolist() == [False] * 8 + [True, False]
+    logits = torch.full((1, 10, 10), -5.0)
+    logits[0, 6, 7] = 5.0  # predicts the older successor of 5: wrong, but only on the ambiguous target
+    logits[0, 7, 3] = 5.0
+    stats = next_token_stats(logits, batch)
+    assert stats["acc_induction"] == 0.5 and stats["acc_induction_unambiguous"] == 1.0

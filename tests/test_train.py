@@ -13,10 +13,13 @@ import pytest
 import torch
 
 import initmi_utils.train as train_module
-from initmi_utils.checkpoints import CheckpointError, list_checkpoints, load_model
-from initmi_utils.config import RunPaths
+from safetensors.torch import load_file
+
+from initmi_utils.checkpoints import CheckpointError, list_checkpoints, load_model, step_path
+from initmi_utils.config import RunPaths, experiment
+from initmi_utils.data import load_dataset
 from initmi_utils.tables import COLUMNS
-from initmi_utils.train import RunConfigMismatch, checkpoint_schedule, train
+from initmi_utils.train import LADDERS, RunConfigMismatch, checkpoint_schedule, ladder_losses, train
 from tests.conftest import tiny_cfg
 
 
@@ -175,3 +178,39 @@ def test_cli_reports_bad_input_without_writing(tmp_path):
     assert out.returncode == 2
     assert "unknown init scheme 'nope'" in out.stderr and "normal" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_loss_ladder_checkpoints_the_first_step_at_or_below_each_level_bit_for_bit(tmp_path):
+    # Run A: the smoke preset's ladder. Run B: no ladder, a checkpoint after every step. A's
+    # ladder checkpoints must be B's checkpoints of the same steps (the replay is the training),
+    # and each must be the first step whose subset loss is at or below its level.
+    a = experiment("smoke", "normal", 0).replace(train={"threads": 1})
+    b = a.replace(train={"loss_ladder": (), "induction_loss_ladder": (), "ckpt_every": 1})
+    train(a, tmp_path / "a", progress=False)
+    train(b, tmp_path / "b", progress=False)
+    ladder = json.loads((RunPaths.of(a, tmp_path / "a").checkpoints / "done.json").read_text())["ladder"]
+    ds = load_dataset(a, tmp_path / "a")
+    every = list_checkpoints(b, tmp_path / "b")
+    losses = {step: ladder_losses(every.load(step)[0], ds, a.train) for step in every.steps}
+    reached = 0
+    for name, field in LADDERS.items():
+        for level in getattr(a.train, field):
+            first = next((s for s in every.steps if losses[s][name] <= level), None)
+            hit = ladder[name].get(repr(level))
+            assert (hit or {}).get("step") == first, (name, level, hit, first)
+            if first is None:
+                continue
+            reached += 1
+            assert hit["loss"] == pytest.approx(losses[first][name], abs=1e-6)
+            ours = load_file(str(step_path(RunPaths.of(a, tmp_path / "a").checkpoints, first)))
+            theirs = load_file(str(step_path(RunPaths.of(b, tmp_path / "b").checkpoints, first)))
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (name, level, first)
+    assert reached >= 2  # the smoke ladder is set so that the path is exercised
+    table = pd.read_parquet(RunPaths.of(a, tmp_path / "a").tables / "ladder.parquet")
+    assert len(table) == len(a.train.loss_ladder) + len(a.train.induction_loss_ladder)
+    assert (table[table.step >= 0].tolerance >= 0).all()
+    # The ladder only reads the model: run A's regular checkpoints equal B's.
+    final = list_checkpoints(a, tmp_path / "a").steps[-1]
+    ours = load_file(str(step_path(RunPaths.of(a, tmp_path / "a").checkpoints, final)))
+    theirs = load_file(str(step_path(RunPaths.of(b, tmp_path / "b").checkpoints, final)))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
