@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import scipy.optimize
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -165,7 +167,67 @@ def emergence_step(steps, accuracies, threshold: float = 0.8) -> float:
     return math.nan
 
 
-def emergence_table(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = "val_acc_induction") -> pd.DataFrame:
+HEADLINE_METRIC = "val_acc_induction_unambiguous"  # the accuracy emergence is defined on
+# name -> (metric, threshold); None = threshold-free (``sigmoid_midpoint``). The first is the headline.
+EMERGENCE_DEFINITIONS: dict[str, tuple[str, float | None]] = {
+    "unambiguous ≥ 0.8": (HEADLINE_METRIC, 0.8),
+    "unambiguous ≥ 0.5": (HEADLINE_METRIC, 0.5),
+    "unambiguous ≥ 0.9": (HEADLINE_METRIC, 0.9),
+    "all targets ≥ 0.8": ("val_acc_induction", 0.8),
+    "sigmoid midpoint": (HEADLINE_METRIC, None),
+}
+MIN_RISE = 0.5  # a fitted sigmoid counts as emergence only if it rises by at least this much
+
+
+def sigmoid_midpoint(steps, accuracies, horizon: float | None = None) -> float:
+    """The threshold-free emergence step: the midpoint ``t0`` of a logistic curve
+    ``lo + (hi - lo) / (1 + exp(-(t - t0) / width))`` fitted to the accuracy curve by least
+    squares (``scipy.optimize.curve_fit``); ``nan`` (never) when the fit fails, the fitted rise
+    ``hi - lo`` is below ``MIN_RISE`` (no phase change), ``hi`` is below 0.5, or ``t0`` lies past
+    the last evaluated step (or ``horizon``). A run that starts at accuracy >= 0.5 (a ``seeded``
+    student) has emerged at its first step. Induction's phase change is sharp, so a logistic
+    describes it; its midpoint does not depend on where a threshold is put.
+    """
+    x, y = np.asarray(steps, dtype=float), np.asarray(accuracies, dtype=float)
+    keep = np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) and y[0] >= 0.5:
+        return float(x[0])
+    if len(x) < 4 or y.max() - y.min() < MIN_RISE:
+        return math.nan
+    span = max(x.max() - x.min(), 1.0)
+    mid = x[np.argmax(y >= (y.min() + y.max()) / 2)]
+
+    def curve(t, lo, hi, t0, width):
+        return lo + (hi - lo) / (1 + np.exp(-np.clip((t - t0) / width, -60, 60)))
+
+    try:
+        (lo, hi, t0, width), _ = scipy.optimize.curve_fit(
+            curve, x, y, p0=(y.min(), y.max(), mid, span / 50), maxfev=20_000,
+            bounds=([-0.1, 0.0, x.min() - span, span / 1e4], [1.1, 1.1, x.max() + span, span]))
+    except (RuntimeError, ValueError):
+        return math.nan
+    end = x.max() if horizon is None else min(x.max(), horizon)
+    if hi - lo < MIN_RISE or hi < 0.5 or not x.min() <= t0 <= end:
+        return math.nan
+    return float(t0)
+
+
+def emergence_steps(metrics: pd.DataFrame, horizon: float | None = None) -> dict[str, float]:
+    """One run's emergence step under every definition of ``EMERGENCE_DEFINITIONS`` (``nan`` =
+    not by the last evaluated step: censored there, never dropped). ``metrics`` is the run's
+    training-metrics table (long format)."""
+    out = {}
+    for name, (metric, threshold) in EMERGENCE_DEFINITIONS.items():
+        g = metrics[metrics.metric == metric].sort_values("step")
+        if threshold is None:
+            out[name] = sigmoid_midpoint(g.step, g.value, horizon)
+        else:
+            out[name] = emergence_step(g.step.tolist(), g.value.tolist(), threshold)
+    return out
+
+
+def emergence_table(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = HEADLINE_METRIC) -> pd.DataFrame:
     """One row per run: its emergence step (``nan`` = never) and whether it emerged."""
     rows = []
     for keys, g in metrics[metrics.metric == metric].sort_values("step").groupby(["run", "scheme", "seed"]):
@@ -284,7 +346,7 @@ def behavior_table(
     return out[["step", "metric", "value", "position", "copy_distance"]]
 
 
-def emergence_rows(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = "val_acc_induction") -> pd.DataFrame:
+def emergence_rows(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = HEADLINE_METRIC) -> pd.DataFrame:
     """A run's emergence step as table rows (``step = -1``: a run-level value, like layer/head -1).
 
     ``value`` is ``nan`` when the run never reached ``threshold`` ("never" is a value, not an

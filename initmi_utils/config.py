@@ -97,7 +97,7 @@ class TrainConfig:
     eval_every: int = 50  # steps between evaluations
     ckpt_every: int = 250  # regular checkpoints, on top of the log-spaced ones
     n_log_ckpts: int = 12  # log-spaced checkpoints between step 1 and the end
-    emergence_threshold: float = 0.8  # induction accuracy that counts as "emerged"
+    emergence_threshold: float = 0.8  # induction accuracy on unambiguous targets that counts as "emerged"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     donor_steps: int = 0  # steps of the `seeded` scheme's smaller donor; 0 = steps
     donor_lr: float = 3e-3  # the donor's lr (0 = lr): at 3e-3 the d64 donor emerges ~1300, at 1e-3 ~2600

@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dcfg = donor_experiment(cfg)
     final = metrics[metrics.step == metrics.step.max()].set_index("metric").value
-    acc = final.get("val_acc_induction", float("nan"))
+    acc = final.get("val_acc_induction_unambiguous", float("nan"))
     emerged = acc >= dcfg.train.emergence_threshold
     ckpts = list_checkpoints(dcfg, a.root)
     mechanism = model_mechanism(ckpts.load(ckpts.steps[-1])[0], load_dataset(dcfg, a.root).val)["label"]
-    print(f"donor {dcfg.run.name}: step {int(metrics.step.max())}, val_acc_induction {acc:.3f}, mechanism {mechanism}"
+    print(f"donor {dcfg.run.name}: step {int(metrics.step.max())}, unambiguous induction accuracy {acc:.3f}, mechanism {mechanism}"
           + ("" if emerged else f"; < {dcfg.train.emergence_threshold}: no induction circuit yet, so the seeded "
                                 f"run of seed {a.seed} starts from a partial one (DonorWarning)"))
     return 0

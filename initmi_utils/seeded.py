@@ -188,7 +188,8 @@ def load_donor(cfg: ExperimentConfig, root: str | Path | None = None, donor: Don
         raise DonorMissing(
             f"the donor of run {cfg.run.name} ({cfg.run.preset}) is not trained ({done} missing): "
             f"train it first with `{donor_command(cfg, root)}` (the pipeline does this by itself).")
-    acc = json.loads(done.read_text()).get("final_metrics", {}).get("val_acc_induction", float("nan"))
+    final = json.loads(done.read_text()).get("final_metrics", {})
+    acc = final.get("val_acc_induction_unambiguous", final.get("val_acc_induction", float("nan")))
     if not acc >= dcfg.train.emergence_threshold:
         warnings.warn(
             f"the donor {dcfg.run.preset} (seed {dcfg.run.seed}) ends with induction accuracy "

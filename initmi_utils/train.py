@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from initmi_utils.behavior import induction_scores, next_token_stats
+from initmi_utils.behavior import HEADLINE_METRIC, induction_scores, next_token_stats
 from initmi_utils.data import Batch
 from initmi_utils.checkpoints import (
     load_resume_state,
@@ -188,7 +188,7 @@ def _stop_now(state: dict, metrics: dict[str, float], step: int, t: TrainConfig)
     """Record the first step at which induction emerged; whether ``stop_after_emergence`` ends the run here."""
     if t.stop_after_emergence < 0:
         return False
-    if state.get("emerged_at") is None and metrics["val_acc_induction"] >= t.emergence_threshold:
+    if state.get("emerged_at") is None and metrics[HEADLINE_METRIC] >= t.emergence_threshold:
         state["emerged_at"] = step
     return state.get("emerged_at") is not None and step >= state["emerged_at"] + t.stop_after_emergence
 

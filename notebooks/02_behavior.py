@@ -6,7 +6,8 @@
 # Writes the table `behavior` (`data/runs/<preset>/<scheme>/seed<k>/behavior.parquet`) and the figures
 # `figures/<preset>/<scheme>/seed<k>/02_*.html`.
 #
-# - **emergence step**: first evaluated step whose `val_acc_induction` ≥ `emergence_threshold`; `nan` = never
+# - **emergence step**: first evaluated step whose `val_acc_induction_unambiguous` (induction accuracy on the targets
+#   whose query token occurred exactly once before: `behavior.unambiguous_targets`) ≥ `emergence_threshold`; `nan` = never
 #   (stored as metric `emergence_step` at step −1);
 # - **ICL score** (Olsson et al. 2022): mean loss on the last 4 tokens minus mean loss on tokens 10–13
 #   (`behavior.icl_score` says why these positions); negative = the model uses its context;
@@ -22,7 +23,7 @@ seed: int = 0  # init seed; the data and the batch order are fixed by the preset
 preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
 root: str = ""  # project root for checkpoints/, data/ and figures/; empty: this project, wherever the kernel runs
 
-emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction has emerged"
+emergence_threshold: float = 0.8  # unambiguous induction accuracy that counts as emerged
 
 # %%
 import pandas as pd
@@ -53,7 +54,7 @@ scalars.pivot_table(index="step", columns="metric", values="value").round(3)
 # %%
 figures = {
     "02_loss": (["train_loss", "val_loss", "val_loss_background", "val_loss_induction"], "loss (nats)", None),
-    "02_accuracy": (["val_acc_induction", "rep_acc_induction", "induction_score"], "accuracy / score", emergence_threshold),
+    "02_accuracy": (["val_acc_induction", "val_acc_induction_unambiguous", "rep_acc_induction", "induction_score"], "accuracy / score", emergence_threshold),
     "02_logit_diff": (["val_logit_diff", "rep_logit_diff"], "logit(correct) - logit(distractor)", None),
 }
 for name, (which, y_title, hline) in figures.items():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -29,6 +30,9 @@ from initmi_utils.behavior import (
     loss_by_position,
     next_token_stats,
     unambiguous_targets,
+    sigmoid_midpoint,
+    emergence_steps,
+    EMERGENCE_DEFINITIONS,
 )
 
 V = 16  # vocabulary of the hand-built logits
@@ -213,7 +217,7 @@ def test_emergence_step_on_known_series_including_never():
     assert math.isnan(emergence_step(steps, [0.1, 0.2, 0.3, 0.2, 0.79], 0.8))  # never: nan, no error
     assert math.isnan(emergence_step(steps, [0.1, float("nan"), 0.3, 0.2, 0.1], 0.8))
     assert math.isnan(emergence_step([], [], 0.8))
-    m = pd.DataFrame({"step": [100, 0, 50], "metric": "val_acc_induction", "value": [0.9, 0.0, 0.85]})
+    m = pd.DataFrame({"step": [100, 0, 50], "metric": "val_acc_induction_unambiguous", "value": [0.9, 0.0, 0.85]})
     r = emergence_rows(m, 0.8)  # unsorted input: the first step in time order counts
     assert r.value.item() == 50 and r.step.item() == -1 and r.threshold.item() == 0.8
     assert math.isnan(emergence_rows(m, 0.95).value.item())
@@ -276,3 +280,31 @@ def test_unambiguous_targets_are_those_whose_query_occurred_exactly_once_before(
     logits[0, 7, 3] = 5.0
     stats = next_token_stats(logits, batch)
     assert stats["acc_induction"] == 0.5 and stats["acc_induction_unambiguous"] == 1.0
+
+
+def _logistic(steps, t0, width=30.0, noise=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    return 0.02 + 0.9 / (1 + np.exp(-(steps - t0) / width)) + rng.normal(0, noise, len(steps))
+
+
+def test_the_sigmoid_midpoint_recovers_a_planted_phase_change_and_censors_the_rest():
+    steps = np.arange(0, 1201, 50)
+    for t0 in (300, 700, 1100):  # anywhere in the horizon, within half an evaluation interval
+        assert abs(sigmoid_midpoint(steps, _logistic(steps, t0, seed=t0)) - t0) < 25, t0
+    assert math.isnan(sigmoid_midpoint(steps, _logistic(steps, 1400)))  # past the horizon: censored
+    assert math.isnan(sigmoid_midpoint(steps, 0.02 + 0.3 / (1 + np.exp(-(steps - 600) / 30))))  # a rise < MIN_RISE
+    assert sigmoid_midpoint(steps, np.full(len(steps), 0.95)) == 0.0  # emerged before training (seeded)
+
+
+def test_emergence_definitions_differ_where_ambiguous_targets_hold_all_target_accuracy_back():
+    # Planted: unambiguous accuracy crosses 0.8 at step 500; all-target accuracy plateaus at 0.78
+    # (the ambiguous third never rises above chance-like copying), so "all targets >= 0.8" never.
+    steps = np.arange(0, 1001, 50)
+    unamb = np.where(steps >= 500, 0.95, np.where(steps >= 450, 0.6, 0.02))
+    rows = [dict(step=s, metric="val_acc_induction_unambiguous", value=u) for s, u in zip(steps, unamb)]
+    rows += [dict(step=s, metric="val_acc_induction", value=min(u, 0.78)) for s, u in zip(steps, unamb)]
+    em = emergence_steps(pd.DataFrame(rows))
+    assert em["unambiguous ≥ 0.8"] == 500 and em["unambiguous ≥ 0.5"] == 450 and em["unambiguous ≥ 0.9"] == 500
+    assert math.isnan(em["all targets ≥ 0.8"])
+    assert 400 < em["sigmoid midpoint"] <= 500  # between the last low and the first high evaluation
+    assert list(EMERGENCE_DEFINITIONS)[0] == "unambiguous ≥ 0.8"  # the headline definition

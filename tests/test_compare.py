@@ -1,5 +1,6 @@
 """07_compare: statistics on synthetic data with known answers, and the RQ assembly on a
-synthetic study whose emergence steps, head roles and missing runs are planted by hand."""
+synthetic study whose emergence steps, head roles and missing runs are planted by hand
+(``tests/test_stats.py`` checks the statistics themselves: coverage, scipy cross-checks)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import pytest
 import torch
 
 from initmi_utils import compare as C
+from initmi_utils import inference as I
+from initmi_utils import rq1 as R1
+from initmi_utils import rq2 as R2
+from initmi_utils import stats as S
+from initmi_utils import study as ST
 from initmi_utils.config import PRESET_SEEDS, PRESETS, experiment
+from initmi_utils.geometry import linear_cka
 from initmi_utils.schemes import SCHEMES
 from initmi_utils.tables import write_table
 
@@ -185,35 +192,35 @@ def study_root(tmp_path_factory) -> Path:
 # Statistics with known answers.
 
 
-def test_bootstrap_ci_covers_known_mean_at_about_the_nominal_rate():
+def test_t_interval_covers_known_mean_at_about_the_nominal_rate():
     rng = np.random.default_rng(1)
-    mean, lo, hi = C.bootstrap_ci(rng.normal(3.0, 1.0, 50), n_boot=4000)
+    mean, lo, hi = S.t_interval(rng.normal(3.0, 1.0, 50))
     assert lo < 3.0 < hi and lo < mean < hi
     covered = 0
     for i in range(200):
-        _, lo, hi = C.bootstrap_ci(rng.normal(3.0, 1.0, 30), n_boot=1000, seed=i)
+        _, lo, hi = S.t_interval(rng.normal(3.0, 1.0, 30))
         covered += lo <= 3.0 <= hi
-    assert 0.86 <= covered / 200 <= 0.99  # percentile bootstrap, n = 30: close to 95%
-    assert math.isnan(C.bootstrap_ci([2.0])[1])  # one seed: no interval, not a zero-width one
-    assert C.bootstrap_ci([1.0, np.nan, 3.0])[0] == 2.0
+    assert 0.86 <= covered / 200 <= 0.99  # t-interval, n = 30: close to 95% (n = 5: tests/test_stats.py)
+    assert math.isnan(S.t_interval([2.0])[1])  # one seed: no interval, not a zero-width one
+    assert S.t_interval([1.0, np.nan, 3.0])[0] == 2.0
 
 
 def test_permutation_test_exact_value_real_difference_and_null():
     # 3 v 3 fully separated: exact two-sided p = 2 / C(6, 3) = 0.1
-    assert C.permutation_test([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
-    assert C.p_floor(3, 3) == pytest.approx(0.1) and C.p_floor(5, 5) == pytest.approx(2 / 252)
+    assert S.permutation_test([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert S.p_floor(3, 3) == pytest.approx(0.1) and S.p_floor(5, 5) == pytest.approx(2 / 252)
     rng = np.random.default_rng(0)
-    assert C.permutation_test(rng.normal(0, 1, 8), rng.normal(3, 1, 8)) < 0.01  # exact (12870 > n_perm: MC)
-    assert C.permutation_test(rng.normal(0, 1, 5), rng.normal(3, 1, 5)) <= 2 / 252 + 1e-12
-    null = [C.permutation_test(rng.normal(0, 1, 6), rng.normal(0, 1, 6), n_perm=2000, seed=i) for i in range(150)]
+    assert S.permutation_test(rng.normal(0, 1, 8), rng.normal(3, 1, 8)) < 0.01  # exact (12870 > n_perm: MC)
+    assert S.permutation_test(rng.normal(0, 1, 5), rng.normal(3, 1, 5)) <= 2 / 252 + 1e-12
+    null = [S.permutation_test(rng.normal(0, 1, 6), rng.normal(0, 1, 6), n_perm=2000, seed=i) for i in range(150)]
     assert 0.0 <= np.mean(np.array(null) < 0.05) <= 0.12  # size ~ 5% under the null
-    assert C.permutation_test([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert S.permutation_test([1.0, 1.0], [1.0, 1.0]) == 1.0
 
 
 def test_holm_on_known_pvalues():
-    got = C.holm([0.01, 0.04, 0.03, 0.005])
+    got = S.holm([0.01, 0.04, 0.03, 0.005])
     np.testing.assert_allclose(got, [0.03, 0.06, 0.06, 0.02])
-    got = C.holm([0.5, np.nan, 0.01])
+    got = S.holm([0.5, np.nan, 0.01])
     assert math.isnan(got[1]) and got[0] == pytest.approx(0.5) and got[2] == pytest.approx(0.02)
 
 
@@ -221,25 +228,29 @@ def test_pairwise_tests_find_the_planted_difference_only():
     rng = np.random.default_rng(3)
     df = pd.DataFrame({"scheme": ["a"] * 6 + ["b"] * 6 + ["c"] * 6,
                        "value": np.r_[rng.normal(0, 0.1, 6), rng.normal(0, 0.1, 6), rng.normal(5, 0.1, 6)]})
-    t = C.pairwise_tests(df).set_index(["a", "b"])
+    t = I.pairwise_tests(df).set_index(["a", "b"])
     assert t.loc[("a", "c"), "p_holm"] < 0.05 and t.loc[("b", "c"), "p_holm"] < 0.05
     assert t.loc[("a", "b"), "p_holm"] > 0.05
     assert (t.p_holm >= t.p - 1e-12).all()
-    assert C.floor_note(C.pairwise_tests(df)) is None  # 6 v 6: floor 2/924 x 3 pairs < 0.05
+    assert I.floor_note(I.pairwise_tests(df)) is None  # 6 v 6: floor 2/924 x 3 pairs < 0.05
     few = df.groupby("scheme").head(2)  # 2 v 2: floor 1/3
-    assert "cannot" in C.floor_note(C.pairwise_tests(few)) or "no pairwise" in C.floor_note(C.pairwise_tests(few))
+    assert "cannot" in I.floor_note(I.pairwise_tests(few)) or "no pairwise" in I.floor_note(I.pairwise_tests(few))
+    # The same data as a reference family (a against b and c; no seeded scheme: one family).
+    ref = I.reference_tests(df, reference="a", omnibus_p=I.omnibus_test(df)["p"]).set_index("a")
+    assert list(ref.index) == ["b", "c"] and set(ref.family) == {"base"} and set(ref.b) == {"a"}
+    assert ref.loc["c", "declared"] and not ref.loc["b", "declared"]
 
 
 def test_spearman_pooled_and_within_scheme():
     x = np.arange(10.0)
-    rho, p, n = C.spearman_permutation(x, x ** 3, n_perm=2000)
+    rho, p, n = S.spearman_permutation(x, x ** 3, n_perm=2000)
     assert rho == pytest.approx(1.0) and p < 0.01 and n == 10
     # Between schemes: higher x goes with higher y; within each scheme the reverse.
     strata = np.repeat([0, 1, 2], 4)
     xs = np.r_[[0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]].astype(float)
     ys = np.r_[[3, 2, 1, 0], [13, 12, 11, 10], [23, 22, 21, 20]].astype(float)
-    assert C.spearman_permutation(xs, ys, n_perm=500)[0] > 0.5
-    rho_w, p_w, _ = C.spearman_permutation(xs, ys, strata=strata, n_perm=2000)
+    assert S.spearman_permutation(xs, ys, n_perm=500)[0] > 0.5
+    rho_w, p_w, _ = S.spearman_permutation(xs, ys, strata=strata, n_perm=2000)
     assert rho_w == pytest.approx(-1.0) and p_w < 0.05
 
 
@@ -247,13 +258,13 @@ def test_linear_cka_invariances_and_known_value():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(500, 16, generator=g)
     Q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
-    assert C.linear_cka(X, 3.0 * X @ Q + 1.0) == pytest.approx(1.0, abs=1e-9)  # rotation, scale, shift
-    assert C.linear_cka(X, torch.randn(500, 16, generator=g)) < 0.1  # unrelated
+    assert linear_cka(X, 3.0 * X @ Q + 1.0) == pytest.approx(1.0, abs=1e-9)  # rotation, scale, shift
+    assert linear_cka(X, torch.randn(500, 16, generator=g)) < 0.1  # unrelated
     x, y = torch.randn(1000, 1, generator=g), torch.randn(1000, 1, generator=g)
     y = 0.6 * x + 0.8 * y
     r = np.corrcoef(x[:, 0], y[:, 0])[0, 1]
-    assert C.linear_cka(x, y) == pytest.approx(r ** 2, rel=1e-6)  # 1-D: squared correlation
-    assert C.linear_cka(X, X[:, :8]) == pytest.approx(C.linear_cka(X[:, :8], X))
+    assert linear_cka(x, y) == pytest.approx(r ** 2, rel=1e-6)  # 1-D: squared correlation
+    assert linear_cka(X, X[:, :8]) == pytest.approx(linear_cka(X[:, :8], X))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,27 +273,33 @@ def test_linear_cka_invariances_and_known_value():
 
 def test_emergence_and_survival_count_never_emerged_runs():
     m = pd.concat([_metrics(s, k).assign(run=f"{s}-s{k}", scheme=s, seed=k) for s in ("normal", NEVER) for k in range(3)])
-    em = C.emergence(m, 0.8, HORIZON)
+    em = R1.emergence(m, 0.8, HORIZON)
     for r in em.itertuples():
         planted = planted_emergence(r.scheme, r.seed)
         assert (math.isnan(r.emergence_step) and math.isnan(planted)) or r.emergence_step == planted
     assert (em[em.scheme == NEVER].restricted == HORIZON).all() and not em[em.scheme == NEVER].emerged.any()
-    surv = C.survival_curves(em, HORIZON, ["normal", NEVER])
+    surv = R1.survival_curves(em, HORIZON, ["normal", NEVER])
     end = surv[surv.step == HORIZON].set_index("scheme")
     assert end.loc["normal", "fraction_emerged"] == 1.0 and end.loc[NEVER, "fraction_emerged"] == 0.0
     assert end.loc[NEVER, "n"] == 3 and end.loc[NEVER, "n_never"] == 3
     mid = surv[(surv.scheme == "normal") & (surv.step == 1250)].fraction_emerged.item()
     assert mid == pytest.approx(2 / 3)  # seeds 0, 1 emerged at 1000, 1250; seed 2 at 1500
-    summ = C.emergence_summary(em, ["normal", NEVER], n_boot=500).set_index("scheme")
+    summ = R1.emergence_summary(em, ["normal", NEVER]).set_index("scheme")
     assert summ.loc["normal", "restricted_mean"] == pytest.approx(1250) and summ.loc[NEVER, "median"] == np.inf
+    # Median with its order-statistic interval: [min, max] of 3 seeds, level 1 - 2 * 0.5^3 = 0.75.
+    assert (summ.loc["normal", "median"], summ.loc["normal", "median_low"], summ.loc["normal", "median_high"]) == \
+        (1250, 1000, 1500)
+    assert summ.loc["normal", "median_level"] == pytest.approx(0.75)
+    assert summ.loc[NEVER, "median_high"] == np.inf  # "not reached"
+    assert summ.loc["normal", "restricted_low"] < 1250 < summ.loc["normal", "restricted_high"]  # t-interval
 
 
 def test_step_and_loss_matching():
     m = pd.concat([_metrics(s, k).assign(run=f"{s}-s{k}", scheme=s, seed=k) for s in ("normal", NEVER) for k in range(2)])
     cands = pd.DataFrame([(r, s) for r in m.run.unique() for s in CKPT_STEPS], columns=["run", "step"])
-    sm, step = C.step_matched(cands, m)
+    sm, step = R2.step_matched(cands, m)
     assert step == HORIZON and (sm.step == HORIZON).all()
-    lm = C.loss_matched(cands, m, target=2.5).set_index("run")
+    lm = R2.loss_matched(cands, m, target=2.5).set_index("run")
     # normal-s0 reaches loss 2.0 once emerged at 1000 -> first checkpoint 1000; NEVER stays at 3.0x
     assert lm.loc["normal-s0", "step"] == 1000 and lm.loc["normal-s1", "step"] == 2000
     assert not lm.loc[f"{NEVER}-s0", "reached"] and math.isnan(lm.loc[f"{NEVER}-s0", "step"])
@@ -290,23 +307,23 @@ def test_step_and_loss_matching():
 
 def test_head_roles_and_permutation_invariant_distances():
     att = pd.concat([_attention("normal", k).assign(run=f"normal-s{k}", scheme="normal", seed=k) for k in (0, 1)])
-    roles = C.head_roles(att[att.step == HORIZON], threshold=0.4)
+    roles = R2.head_roles(att[att.step == HORIZON], threshold=0.4)
     r0 = roles[roles.run == "normal-s0"].set_index(["layer", "head"]).role
     assert r0[(0, 0)] == "prev_token" and r0[(1, 1)] == "induction" and r0[(0, 1)] == "other"
     r1 = roles[roles.run == "normal-s1"]
     assert r1.set_index(["layer", "head"]).role[(1, 2)] == "induction"
     # Seeds 0 and 1 put the same heads at different indices: same mechanism up to relabelling.
-    assert C.role_disagreement(roles[roles.run == "normal-s0"], r1) == 0.0
+    assert R2.role_disagreement(roles[roles.run == "normal-s0"], r1) == 0.0
     abl = pd.concat([_ablation("normal", k).assign(run=f"normal-s{k}", scheme="normal", seed=k) for k in (0, 1)])
-    prof = C.ablation_profiles(abl[abl.step == HORIZON], "zero_ablation_loss_delta")
-    assert C.profile_distance(prof["normal-s0"], prof["normal-s1"]) == pytest.approx(0.0, abs=1e-12)
+    prof = R2.ablation_profiles(abl[abl.step == HORIZON], "zero_ablation_loss_delta")
+    assert R2.profile_distance(prof["normal-s0"], prof["normal-s1"]) == pytest.approx(0.0, abs=1e-12)
     # An unlearned run differs in both.
     never = _attention(NEVER, 0).assign(run="x", scheme=NEVER, seed=0)
-    rn = C.head_roles(never[never.step == HORIZON])
-    assert C.role_disagreement(roles[roles.run == "normal-s0"], rn) == pytest.approx(1 / 8)
-    pn = C.ablation_profiles(_ablation(NEVER, 0).assign(run="x", scheme=NEVER, seed=0).query(f"step == {HORIZON}"),
+    rn = R2.head_roles(never[never.step == HORIZON])
+    assert R2.role_disagreement(roles[roles.run == "normal-s0"], rn) == pytest.approx(1 / 8)
+    pn = R2.ablation_profiles(_ablation(NEVER, 0).assign(run="x", scheme=NEVER, seed=0).query(f"step == {HORIZON}"),
                              "zero_ablation_loss_delta")["x"]
-    assert C.profile_distance(prof["normal-s0"], pn) > 0.3
+    assert R2.profile_distance(prof["normal-s0"], pn) > 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,9 +370,19 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     summ = r1.tables["emergence_summary"].set_index("scheme")
     assert summ.loc["kaiming", "n"] == 4 and summ.loc["xavier", "n"] == 4  # named, not averaged silently
     assert summ.loc[NEVER, "emerged"] == 0
-    tests = r1.tables["emergence_tests"].set_index(["a", "b"])
-    assert tests.loc[("normal", NEVER), "p"] < 0.05  # planted: NEVER never emerges
-    r2 = C.rq2(study, role_threshold=0.4, similar_loss_eps=0.05, cka_sequences=0, n_boot=300, n_perm=300)
+    pairs = r1.tables["emergence_tests_all_pairs"].set_index(["a", "b"])
+    assert len(pairs) == 21 and pairs.loc[("normal", NEVER), "p"] < 0.05  # planted: NEVER never emerges
+    # Omnibus across schemes, then the reference family: NEVER (and the late orthogonal, mimetic) vs normal.
+    assert r1.tables["emergence_omnibus"].significant.item()
+    tests = r1.tables["emergence_tests"].set_index("a")
+    assert set(tests.b) == {"normal"} and list(tests[tests.family == "base"].index) == \
+        ["xavier", "kaiming", "orthogonal", NEVER, "mimetic"] and list(tests[tests.family == "seeded"].index) == ["seeded"]
+    assert tests.loc[NEVER, "p"] == pytest.approx(2 / 252) and tests.loc[NEVER, "p_holm"] <= 0.05
+    assert tests.loc[NEVER, "declared"] and tests.loc["orthogonal", "declared"]
+    assert not tests.loc["xavier", "declared"]  # planted 500 steps later, overlapping seeds: not declared
+    texts = " ".join(str(b.caption) + str(b.content) for b in r1.section.blocks if b.kind in ("table", "text"))
+    assert "order-statistic interval" in texts and "t-interval" in texts and "log-rank" in texts
+    r2 = C.rq2(study, role_threshold=0.4, similar_loss_eps=0.05, cka_sequences=0, n_perm=300)
     pairs = r2.tables["step_similar_loss_pairs"]
     assert len(pairs) and (pairs.loss_gap < 0.05).all()
     same = pairs[pairs.run_a.str.startswith("normal") & pairs.run_b.str.startswith("normal")]
@@ -383,7 +410,9 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     gap = acc.loc[("val_acc_induction_long_minus_short", "normal")]
     assert abs(gap["mean"]) < 0.05 and acc.loc[("val_acc_induction_long_minus_short", "seeded"), "mean"] > 0.3
     texts = " ".join(str(b.content) for b in r2.section.blocks if b.kind == "text")
-    assert C.MECHANISM_SENTENCE in texts
+    assert R2.MECHANISM_SENTENCE in texts
+    omni = r2.tables["step_mechanism_omnibus"]
+    assert (omni.test == "Kruskal–Wallis").all() and len(r2.tables["step_mechanism_tests"]) == 6 * len(omni)
     head = C.headline(study, r1, r2).tables["headline"].set_index("scheme")
     assert head.loc["seeded", "copying mechanism (step-matched)"].startswith("classic_induction 2 · shifted_induction 0 · long_offset_recall 3")
     assert head.loc["mimetic", "copying mechanism (step-matched)"].startswith("classic_induction 4 · shifted_induction 1 ·")
@@ -402,6 +431,45 @@ def test_report_degrades_gracefully_and_names_missing(tmp_path: Path):
     assert (tmp_path / "figures" / PRESET / "07_rq1_curves.html").exists()
     assert "checkpoint" in html.lower()  # CKA cells left empty, with the reason
     assert "long-offset recall, where a layer-0 head" in html and "long_offset_recall" in html
+    # 2 seeds per scheme: no reference family can reach α, so a sentence replaces each table.
+    assert "is not shown: with seeds per scheme normal 2" in html and "no test in it can be significant" in html
+    assert "t-interval" in html and "How to read the statistics" in html
+
+
+def _final_loss_study(root: Path, shift: dict[str, float], rng_seed: int = 14) -> Path:
+    """Metrics only: every run of PRESET ends at val loss N(2, 0.1²), + 0.1 × ``shift[scheme]``
+    (a shift in standard deviations). One fixed draw, the same for the null and the shifted study;
+    how often the procedure declares something over many draws is checked in tests/test_stats.py
+    (null: ≤ 5% of studies; a 3 sd shift: ≈ 77%, the chance that 5 v 5 seeds separate fully)."""
+    rng = np.random.default_rng(rng_seed)
+    for scheme in SCHEMES:
+        for seed in PRESET_SEEDS[PRESET]:
+            final = rng.normal(2.0, 0.1) + 0.1 * shift.get(scheme, 0.0)
+            rows = pd.DataFrame([dict(step=0, metric="val_loss", value=4.0),
+                                 dict(step=HORIZON, metric="val_loss", value=final)])
+            write_table(rows, experiment(PRESET, scheme, seed), "metrics", root)
+    return root
+
+
+def test_a_null_study_declares_nothing(tmp_path: Path):
+    r1 = C.rq1(C.load_study(PRESET, _final_loss_study(tmp_path, {})), n_perm=2000)
+    omni = r1.tables["final_omnibus"].set_index("metric").loc["val_loss"]
+    tests = r1.tables["final_tests"]
+    assert not omni.significant and omni.p > 0.05 and not tests.declared.any()
+    assert len(tests) == len(SCHEMES) - 1 and len(r1.tables["final_tests_all_pairs"]) == 21
+
+
+def test_a_planted_three_sd_shift_is_declared(tmp_path: Path):
+    r1 = C.rq1(C.load_study(PRESET, _final_loss_study(tmp_path, {"orthogonal": 3.0})), n_perm=2000)
+    omni = r1.tables["final_omnibus"].set_index("metric").loc["val_loss"]
+    tests = r1.tables["final_tests"].set_index("a")
+    assert omni.significant and omni.test == "Kruskal–Wallis"
+    assert tests.loc["orthogonal", "declared"] and tests.loc["orthogonal", "p_holm"] <= 0.05
+    assert tests.declared.sum() == 1  # only the planted one
+    # 5 seeds per scheme: the base family can reach α, so its table (not a sentence) is in the report.
+    captions = [b.caption for b in r1.section.blocks if b.kind == "table"]
+    assert any("each scheme against the reference normal" in c for c in captions)
+    assert not any("is not shown" in str(b.content) for b in r1.section.blocks if b.kind == "note")
 
 
 @pytest.mark.slow
@@ -415,7 +483,7 @@ def test_residual_cka_between_checkpoints(tmp_path: Path):
     for seed in (0, 1):
         cfg = experiment("smoke", "normal", seed)
         save_checkpoint(RunPaths.of(cfg, tmp_path).checkpoints, build_model(cfg, tmp_path), cfg, 0, {})
-    cache = C.ResidualCache("smoke", tmp_path, n_sequences=16)
+    cache = ST.ResidualCache("smoke", tmp_path, n_sequences=16)
     same = cache.cka(("normal", 0, 0), ("normal", 0, 0))
     other = cache.cka(("normal", 0, 0), ("normal", 1, 0))
     assert list(same) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]

@@ -46,7 +46,7 @@ def run(tmp_path_factory):
     for step, model in models.items():
         save_checkpoint(folder, model, cfg, step, {})
     (folder / "done.json").write_text("{}")
-    metrics = pd.DataFrame({"step": list(STEPS), "metric": "val_acc_induction", "value": [0.0, 0.5, 1.0]})
+    metrics = pd.DataFrame({"step": list(STEPS), "metric": "val_acc_induction_unambiguous", "value": [0.0, 0.5, 1.0]})
     write_table(metrics, cfg, "metrics", root)
     return cfg, root
 

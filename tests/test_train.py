@@ -64,7 +64,7 @@ def test_stop_after_emergence_ends_the_run_that_many_steps_after_induction(tmp_p
         return real_step(*args, **kwargs)
 
     def scripted(model, ds):
-        return real_eval(model, ds) | {"val_acc_induction": 0.9 if len(steps) >= 25 else 0.1}
+        return real_eval(model, ds) | {"val_acc_induction_unambiguous": 0.9 if len(steps) >= 25 else 0.1}
 
     monkeypatch.setattr(train_module, "optimizer_step", counted)
     monkeypatch.setattr(train_module, "evaluate", scripted)

@@ -1,0 +1,189 @@
+"""RQ1: does the init scheme change how fast, and whether, induction emerges?
+
+- *Training curves*: the mean over seeds per scheme at every evaluated step with its pointwise
+  95% t-interval (``inference.band_summary``).
+- *Emergence step*: the first evaluated step with ``val_acc_induction`` ≥ the threshold; a run
+  that never gets there is **censored at the horizon**, not dropped. Emergence steps are skewed
+  (most seeds close together, some late, some never), so each scheme is summarised by its
+  **median with the order-statistic interval** ``[min, max]`` (level 1 - 2·0.5ⁿ: 93.75% at
+  n = 5; an end on a never-emerged run is "not reached"), next to the *restricted mean* (never =
+  horizon) with its t-interval and the fraction emerged. The survival-style curve (fraction
+  emerged by step t) is the Kaplan–Meier estimate (``scipy.stats.ecdf``), never-emerged seeds
+  staying in the denominator.
+- *Tests on emergence*: an omnibus permutation one-way test on the restricted steps across all
+  schemes, then every scheme against the reference scheme (default ``normal``) with the
+  log-rank test (exact permutation p), Holm within the base family and within the seeded family.
+  All scheme pairs go to ``emergence_tests_all_pairs.csv`` only.
+- *End of training* (``val_loss``, ``val_acc_induction``, ``val_logit_diff`` at each run's last
+  step): mean with t-interval; Kruskal–Wallis across schemes, then the reference families with
+  permutation tests on the difference of means.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from initmi_utils import plots
+from initmi_utils.behavior import emergence_step
+from initmi_utils.inference import (MEAN_CI, MEAN_CI_SENTENCE, MEDIAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary,
+                                    format_ci, format_level, scheme_tests, summarise)
+from initmi_utils.report import Section
+from initmi_utils.stats import ALPHA, emerged_fraction, median_interval, t_interval
+from initmi_utils.study import Result, Study, final_values, section_table, show_scheme_tests
+
+CURVE_METRICS = ("val_loss", "train_loss", "val_acc_induction", "rep_acc_induction", "val_logit_diff", "induction_score")
+FINAL_METRICS = ("val_loss", "val_acc_induction", "val_logit_diff")
+BAND_LEGEND = "scheme (band: 95% t-interval of the mean over seeds)"
+
+
+def emergence(metrics: pd.DataFrame, threshold: float, horizon: int, metric: str = "val_acc_induction") -> pd.DataFrame:
+    """Per run: emergence step (nan = never), ``emerged``, ``restricted`` (never = horizon) and
+    ``time`` (never = +inf: censored, the form the log-rank test and the median read)."""
+    rows = []
+    for (run, scheme, seed), g in metrics[metrics.metric == metric].sort_values("step").groupby(
+            ["run", "scheme", "seed"], sort=False):
+        step = emergence_step(g.step.tolist(), g.value.tolist(), threshold)
+        never = math.isnan(step)
+        rows.append(dict(run=run, scheme=scheme, seed=int(seed), emergence_step=step, emerged=not never,
+                         restricted=horizon if never else step, time=math.inf if never else step))
+    return pd.DataFrame(rows, columns=["run", "scheme", "seed", "emergence_step", "emerged", "restricted", "time"])
+
+
+def _times(g: pd.DataFrame) -> np.ndarray:
+    return np.where(g.emerged.to_numpy(bool), g.emergence_step.to_numpy(float), np.inf)
+
+
+def emergence_summary(em: pd.DataFrame, schemes: Sequence[str], level: float = 0.95) -> pd.DataFrame:
+    """Per scheme: n, emerged k, fraction emerged; the median emergence step (inf = not reached:
+    half or more never emerged) with its order-statistic interval (``median_low``,
+    ``median_high``: inf = not reached; ``median_level``: its coverage, 1 - 2·0.5ⁿ for [min, max]);
+    the restricted mean (never = horizon) and the mean step of the emerged runs, each with its
+    t-interval."""
+    rows = []
+    for s in schemes:
+        g = em[em.scheme == s]
+        if g.empty:
+            continue
+        med = median_interval(_times(g), level)
+        m_e = t_interval(g.loc[g.emerged, "emergence_step"], level)
+        m_r = t_interval(g["restricted"], level)
+        rows.append(dict(scheme=s, n=len(g), emerged=int(g.emerged.sum()), fraction_emerged=g.emerged.mean(),
+                         median=med[0], median_low=med[1], median_high=med[2], median_level=med[3],
+                         restricted_mean=m_r[0], restricted_low=m_r[1], restricted_high=m_r[2],
+                         mean_emerged=m_e[0], mean_emerged_low=m_e[1], mean_emerged_high=m_e[2]))
+    return pd.DataFrame(rows)
+
+
+def survival_curves(em: pd.DataFrame, horizon: int, schemes: Sequence[str]) -> pd.DataFrame:
+    """Kaplan–Meier fraction of each scheme's seeds emerged by step t (``stats.emerged_fraction``;
+    never-emerged seeds are censored at the horizon and stay counted)."""
+    rows = []
+    for s in schemes:
+        g = em[em.scheme == s]
+        if g.empty:
+            continue
+        steps = sorted({0, horizon, *g.loc[g.emerged, "emergence_step"].astype(int)})
+        frac = emerged_fraction(_times(g), steps, horizon)
+        for t, f in zip(steps, frac):
+            rows.append(dict(scheme=s, step=t, fraction_emerged=float(f), n=len(g), n_never=int((~g.emerged).sum())))
+    return pd.DataFrame(rows, columns=["scheme", "step", "fraction_emerged", "n", "n_never"])
+
+
+def emergence_tests(em: pd.DataFrame, schemes: Sequence[str], reference: str = REFERENCE, n_perm: int = 10_000,
+                    seed: int = 0, alpha: float = ALPHA) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(omnibus, reference families, all pairs) for the emergence step: permutation one-way test
+    on the restricted steps, then log-rank (exact permutation p) against ``reference``."""
+    return scheme_tests(em, schemes, value="time", method="logrank", reference=reference, n_perm=n_perm, seed=seed,
+                        alpha=alpha, omnibus="permutation", omnibus_value="restricted")
+
+
+def final_tests(metrics: pd.DataFrame, schemes: Sequence[str], reference: str = REFERENCE, n_perm: int = 10_000,
+                seed: int = 0, alpha: float = ALPHA) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(summary per metric and scheme with t-intervals, omnibus, reference families, all pairs)
+    for the end-of-training values of ``FINAL_METRICS``; empty frames when none is there."""
+    fv = pd.concat([final_values(metrics, m).assign(metric=m) for m in FINAL_METRICS], ignore_index=True)
+    fv = fv[fv.value.notna()]
+    if fv.empty:
+        return pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
+    rank = {s: i for i, s in enumerate(schemes)}
+    summ = pd.concat([summarise(g.sort_values("scheme", key=lambda c: c.map(rank)), "scheme").assign(metric=m)
+                      for m, g in fv.groupby("metric", sort=False)], ignore_index=True)
+    omni, ref, pairs = scheme_tests(fv, schemes, by="metric", reference=reference, n_perm=n_perm, seed=seed,
+                                    alpha=alpha)
+    return summ, omni, ref, pairs
+
+
+def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = None, n_perm: int = 10_000,
+        seed: int = 0, reference: str = REFERENCE, alpha: float = ALPHA) -> Result:
+    """RQ1's section. ``n_boot`` is unused (intervals are t- and order-statistic intervals now);
+    it is accepted so that existing calls keep working."""
+    sec = Section("RQ1 · Training and emergence")
+    res = Result(sec)
+    metrics = section_table(study, sec, "metrics", ["val_loss", "val_acc_induction"], "Runs with completed training")
+    if metrics.empty:
+        return res
+
+    present = [m for m in CURVE_METRICS if (metrics.metric == m).any()]
+    curves = band_summary(metrics[metrics.metric.isin(present)], extra=["metric"])
+    res.tables["curves"] = curves
+    fig = plots.band_grid(curves, f"Training curves per scheme ({study.preset})", panels=present, colors=study.colors)
+    fig.update_layout(legend_title=BAND_LEGEND)
+    res.figures["rq1_curves"] = fig
+    sec.figure(fig, f"Mean over seeds per scheme; band = pointwise {MEAN_CI} of the mean over the seeds evaluated at "
+                    f"that step; legend gives n seeds.")
+
+    if (metrics.metric == "val_acc_induction").any():
+        em = emergence(metrics, emergence_threshold, study.horizon)
+        summ = emergence_summary(em, study.schemes)
+        surv = survival_curves(em, study.horizon, study.schemes)
+        omni, tests, pairs = emergence_tests(em, study.schemes, reference, n_perm, seed, alpha)
+        res.tables.update(emergence=em, emergence_summary=summ, survival=surv, emergence_omnibus=omni,
+                          emergence_tests=tests, emergence_tests_all_pairs=pairs)
+        sec.heading(f"Emergence: first evaluated step with val_acc_induction ≥ {emergence_threshold}")
+        fig = plots.survival_figure(surv, f"Fraction of seeds emerged by step t (threshold {emergence_threshold})",
+                                    study.colors)
+        res.figures["rq1_survival"] = fig
+        sec.figure(fig, "Kaplan–Meier fraction emerged by step t: runs that never emerged are censored at the horizon "
+                        "and stay in the denominator (legend: n, never).")
+        pts = em.assign(value=em.restricted)
+        drawn = summ.assign(mean=summ["median"].clip(upper=study.horizon), ci_low=summ.median_low,
+                            ci_high=summ.median_high.clip(upper=study.horizon))
+        fig = plots.interval_figure(drawn, f"Emergence step per scheme: median and order-statistic interval "
+                                           f"(never = horizon {study.horizon})", "emergence step",
+                                    colors=study.colors, points=pts)
+        fig.for_each_trace(lambda t: t.update(name=t.name.replace("mean, 95% CI", "median, [min, max]")))
+        res.figures["rq1_emergence"] = fig
+        sec.figure(fig, f"Emergence steps are skewed and censored: diamond = median, bar = order-statistic interval "
+                        f"[min, max] over seeds (level 1 − 2·0.5ⁿ, 93.75% at n = 5); a bar or median drawn at the "
+                        f"horizon {study.horizon} is 'not reached' (a run never emerged); dots are seeds (never = "
+                        f"horizon).")
+        show = summ.assign(
+            **{"emerged (k/n)": summ.emerged.astype(str) + "/" + summ.n.astype(str),
+               "median step [order-statistic interval]": [format_ci(*r) for r in
+                                                          summ[["median", "median_low", "median_high"]].values],
+               "interval level": [format_level(v) for v in summ.median_level],
+               f"restricted mean (never = horizon) [{MEAN_CI}]": [
+                   format_ci(*r) for r in summ[["restricted_mean", "restricted_low", "restricted_high"]].values],
+               f"mean step of emerged [{MEAN_CI}]": [
+                   format_ci(*r) for r in summ[["mean_emerged", "mean_emerged_low", "mean_emerged_high"]].values]}
+        )[["scheme", "n", "emerged (k/n)", "median step [order-statistic interval]", "interval level",
+           f"restricted mean (never = horizon) [{MEAN_CI}]", f"mean step of emerged [{MEAN_CI}]"]]
+        sec.table(show, f"Emergence step per scheme. The step is skewed, so the headline is the {MEDIAN_CI_SENTENCE}; "
+                        f"the means carry the {MEAN_CI} (restricted mean: never-emerged seeds count as the horizon).")
+        show_scheme_tests(sec, omni, tests, "Emergence step", PAIR_NAME["logrank"] + "; z < 0: the scheme emerges "
+                          "later than the reference", "emergence_tests_all_pairs", alpha)
+
+    summ, omni, ref, pairs = final_tests(metrics, study.schemes, reference, n_perm, seed, alpha)
+    if len(summ):
+        res.tables.update(final=summ, final_omnibus=omni, final_tests=ref, final_tests_all_pairs=pairs)
+        sec.heading("End of training")
+        sec.table(summ.assign(**{f"mean [{MEAN_CI}]": [format_ci(*r) for r in summ[["mean", "ci_low", "ci_high"]].values]})
+                  [["metric", "scheme", "n", f"mean [{MEAN_CI}]"]],
+                  f"End of training, per scheme: {MEAN_CI_SENTENCE}.")
+        show_scheme_tests(sec, omni, ref, "End of training", PAIR_NAME["mean"], "final_tests_all_pairs", alpha,
+                          by="metric")
+    return res
