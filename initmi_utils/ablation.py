@@ -41,7 +41,7 @@ from initmi_utils.behavior import next_token_stats
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import ExperimentConfig
 from initmi_utils.data import Batch, PatchPairs, load_dataset
-from initmi_utils.offsets import model_mechanism
+from initmi_utils.offsets import REPORT_ORDER, THRESHOLDS, Thresholds, model_mechanism
 
 ABLATIONS = ("zero", "mean")
 _STAT_NAMES = {"loss": "loss_induction", "acc": "acc_induction", "logit_diff": "logit_diff"}
@@ -389,3 +389,108 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
             if col in df:
                 df[col] = df[col].fillna(-1).astype(int)
     return {**out, "paths": paths}
+
+
+# ---------------------------------------------------------------------------------------------
+# The mechanism label against a causal criterion (``label_evidence``, ``agreement_table``).
+
+ABLATION_MIN_DROP = 0.3  # induction-accuracy drop (on ``rep``) when the deciding head is mean-ablated
+PATH_MIN_SHARE = 0.2  # share of that drop an implied Q/K/V path must carry on its own
+LABEL_PATHS = {"classic_induction": ("k",), "shifted_induction": ("k", "v"), "long_offset_recall": ("k", "v")}
+
+
+def causal_verdict(mechanism: str, head_drop: float, path_drops: dict[str, float], top_drop: float) -> dict:
+    """Whether causal evidence supports the attention label ``mechanism`` (for ``partial``, pass
+    its ``attention_label``: the circuit the attention says is there).
+
+    - ``ablation_ok``: mean-ablating the deciding head drops induction accuracy by >=
+      ``ABLATION_MIN_DROP`` (0.3): the model needs that head. The heads the labels were read from
+      drop it by 0.89 (shifted, full seed 1) to ~1 (hand-built classic, quick recall students);
+      a head whose removal costs less than 0.3 is not how the model copies, whatever it attends to.
+    - ``path_ok``: the layer-0 -> deciding-head paths are the ones the label implies. ``path_drops``
+      holds, per input ``q``/``k``/``v``, the largest accuracy drop when *one* earlier head is
+      removed from that input alone (``path_ablation_effects``). Each implied path must carry >=
+      ``PATH_MIN_SHARE`` (0.2) of the head's drop (of at least ``ABLATION_MIN_DROP``, so a
+      noise-level path never counts). classic: K (the previous-token head sets the key) and K >= V
+      (the copied token is the key position's own); shifted and recall: K *and* V (the token to
+      copy is read through an earlier head). Q is never compared: every mechanism's query reads the
+      current token, which a self-attending layer-0 head may carry (full mimetic-s1's classic head
+      loses 0.94 through Q, 0.92 through K). 0.2: the shifted head's paths carry 0.29 (K) and 0.27
+      (V) of its drop, the single largest share seen for a two-path circuit; a fifth leaves margin.
+    - ``none`` (``head_drop`` nan: no deciding head): ``ablation_ok`` iff no head of layer >= 1
+      drops accuracy by ``ABLATION_MIN_DROP`` (``top_drop``): the label missed no copying head;
+      ``path_ok`` is ``None`` (nothing to check).
+
+    ``causal_ok`` = ``ablation_ok`` and ``path_ok`` (for ``none``: ``ablation_ok``). ``nan`` drops
+    never pass. Known limit: a classic run that spreads its previous-token signal over several
+    layer-0 heads (full seed 1: normal, xavier, orthogonal; no single path > 0.08) fails
+    ``path_ok`` although it is classic: single-head path ablation cannot see a distributed K path.
+    """
+    if mechanism == "none":
+        ok = bool(top_drop < ABLATION_MIN_DROP)  # nan: False
+        return dict(ablation_ok=ok, path_ok=None, causal_ok=ok, path_floor=math.nan)
+    if mechanism not in LABEL_PATHS:
+        raise ValueError(f"no causal criterion for {mechanism!r}; pass the attention label, one of {tuple(LABEL_PATHS)} or 'none'.")
+    ablation_ok = bool(head_drop >= ABLATION_MIN_DROP)
+    floor = PATH_MIN_SHARE * max(head_drop, ABLATION_MIN_DROP) if not math.isnan(head_drop) else math.nan
+    k, v = path_drops.get("k", math.nan), path_drops.get("v", math.nan)
+    path_ok = all(path_drops.get(c, math.nan) >= floor for c in LABEL_PATHS[mechanism])
+    if mechanism == "classic_induction":
+        path_ok = path_ok and k >= v
+    return dict(ablation_ok=ablation_ok, path_ok=bool(path_ok), causal_ok=ablation_ok and bool(path_ok), path_floor=floor)
+
+
+def label_evidence(model, bridge, val: Batch, rep: Batch, n_sequences: int = 128,
+                   thresholds: Thresholds = THRESHOLDS) -> dict:
+    """The checkpoint's mechanism label next to the causal evidence for it.
+
+    The label (``offsets.model_mechanism`` on the first ``n_sequences`` of ``val``: the copy
+    distance varies, and the accuracy for the floor comes from the same forward); then, on
+    ``rep`` (BOS + A + A, as ``mechanism_paths``), ``ablation_effects``' mean ablation of every
+    head and ``path_ablation_effects`` into the deciding head; ``causal_verdict`` of the attention
+    label. Keys: ``label``, ``attention_label``, ``accuracy``, ``layer``, ``head``,
+    ``source_layer``, ``source_head``, ``score`` (the label's), ``rep_clean_acc``,
+    ``ablation_drop`` (the deciding head's; ``nan`` without one), ``top_layer``, ``top_head``,
+    ``top_drop`` (the head of layer >= 1 with the largest drop), ``path_drop_{q,k,v}`` and
+    ``path_via_{q,k,v}`` (the largest single-head path drop per input and that head, ``L0H3``;
+    ``nan`` / ``""`` without a deciding head), ``ablation_ok``, ``path_ok``, ``causal_ok``,
+    ``path_floor``. Drops are positive when accuracy falls.
+    """
+    lab = model_mechanism(model, val, n_sequences, thresholds)
+    eff = ablation_effects(bridge, rep, kinds=("mean",))
+    acc = eff[(eff.metric == "mean_ablation_acc_delta") & (eff["layer"] >= 1)]
+    drops = {(int(r.layer), int(r.head)): 0.0 - float(r.value) for r in acc.itertuples(index=False)}  # no "-0.0"
+    (top_layer, top_head), top_drop = max(drops.items(), key=lambda kv: kv[1])
+    dst = (lab["layer"], lab["head"])
+    out = dict(lab, rep_clean_acc=float(eff[eff.metric == "clean_acc"].value.iloc[0]),
+               ablation_drop=drops.get(dst, math.nan), top_layer=top_layer, top_head=top_head, top_drop=top_drop)
+    path_drops: dict[str, float] = {}
+    if dst[0] >= 1:
+        paths = path_ablation_effects(model, bridge, rep, dst)
+        for c in PATH_INPUTS:
+            worst = paths[paths.metric == f"path_{c}_acc_delta"].nsmallest(1, "value").iloc[0]
+            path_drops[c] = 0.0 - float(worst.value)
+            out[f"path_via_{c}"] = f"L{int(worst.layer)}H{int(worst['head'])}"
+    out.update({f"path_drop_{c}": path_drops.get(c, math.nan) for c in PATH_INPUTS})
+    out.update({f"path_via_{c}": out.get(f"path_via_{c}", "") for c in PATH_INPUTS})
+    return {**out, **causal_verdict(lab["attention_label"], out["ablation_drop"], path_drops, top_drop)}
+
+
+def agreement_table(rows) -> pd.DataFrame:
+    """Label x causal evidence: per label (``REPORT_ORDER``, every label even when absent), ``n``
+    checkpoints, how many the causal criterion supports (``passes``) and not (``fails``), the
+    failures by part (``ablation_fails``, ``path_fails``: a checkpoint can fail both) and
+    ``agreement`` = passes / n (``nan`` for n = 0). ``rows``: ``label_evidence`` dicts, or a
+    frame of them (extra columns such as run or scheme are ignored; group first to split by them).
+    """
+    df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows)
+    out = []
+    for label in REPORT_ORDER:
+        g = df[df["label"] == label] if len(df) else df
+        n = len(g)
+        passes = int((g["causal_ok"] == True).sum()) if n else 0  # noqa: E712 (path_ok may be None)
+        out.append(dict(label=label, n=n, passes=passes, fails=n - passes,
+                        ablation_fails=int((g["ablation_ok"] == False).sum()) if n else 0,  # noqa: E712
+                        path_fails=int((g["path_ok"] == False).sum()) if n else 0,  # noqa: E712
+                        agreement=passes / n if n else math.nan))
+    return pd.DataFrame(out).set_index("label")

@@ -37,7 +37,7 @@ from transformer_lens.utilities import get_act_name
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import ExperimentConfig
 from initmi_utils.data import BOS, load_dataset
-from initmi_utils.offsets import induction_queries, offset_table
+from initmi_utils.offsets import induction_accuracy, induction_queries, offset_table
 
 METRICS = ("prev_token_score", "duplicate_score", "induction_score", "bos_score", "attn_entropy")
 
@@ -163,9 +163,10 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
         frames.append(head_scores(checkpoint_patterns(bridge, tokens), tokens, step=step))
         val_patterns: list[Tensor] = []
         with torch.no_grad():
-            model(val_tokens, patterns=val_patterns)
+            logits = model(val_tokens, patterns=val_patterns)
+        accuracy = induction_accuracy(logits, val_tokens, ds.val.target[:n_offset_sequences])
         offset_frames.append(offset_table(patterns_from_cache(val_patterns, cfg.model.n_layers), val_tokens, val_queries,
-                                          step=step))
+                                          step=step, accuracy=accuracy))
     return {"attention": pd.concat(frames, ignore_index=True), "offsets": pd.concat(offset_frames, ignore_index=True)}
 
 

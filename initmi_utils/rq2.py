@@ -34,7 +34,7 @@ from initmi_utils import plots
 from initmi_utils.donor_persistence import seeded_slots
 from initmi_utils.inference import (MEAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary, format_ci,
                                     scheme_tests, summarise)
-from initmi_utils.offsets import REPORT_ORDER, mechanism_labels
+from initmi_utils.offsets import REPORT_ORDER, THRESHOLDS, mechanism_labels
 from initmi_utils.report import Section
 from initmi_utils.stats import ALPHA
 from initmi_utils.study import (ResidualCache, Result, Study, at_matched, feature_table, final_values, missing_note,
@@ -347,7 +347,7 @@ def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: st
     counts per scheme, and induction accuracy on short vs long copies per scheme (mean [95%
     t-interval])."""
 
-    labels = mechanism_labels(at_matched(study.table("offsets"), matched))
+    labels = mechanism_labels(at_matched(study.table("offsets"), matched), at_matched(study.table("behavior"), matched))
     paths = path_summary(at_matched(study.table("paths"), matched))
     acc = copy_distance_accuracy(at_matched(study.table("behavior"), matched))
     if labels.empty and acc.empty:
@@ -370,7 +370,8 @@ def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: st
                   f"shifted_induction = else a layer-1 head with ≥ 0.3 on +2 and ≥ 0.25 on offsets 0/+1 when rolled "
                   f"back through a layer-0 head; "
                   f"long_offset_recall = else a layer-1 head with < 0.1 within ±3 of the copy and ≥ 0.25 on offsets "
-                  f"0/+1 when rolled back through a layer-0 head).")
+                  f"0/+1 when rolled back through a layer-0 head; partial = one of these attention patterns with "
+                  f"induction accuracy below {THRESHOLDS.min_induction_accuracy}, the floor a label needs).")
         sec.table(res.tables[f"{key}_mechanism_labels"],
                   f"{label}: mechanism per run, the deciding head and its score (attention mass), with the run's "
                   f"induction accuracy on short and long copies.")

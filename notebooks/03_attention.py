@@ -74,7 +74,9 @@ fig.show()
 # offset +2 and ≥ 0.25 on offsets {0, +1} once rolled back through a layer-0 head; else
 # `long_offset_recall` if a layer-1 head with < 0.1 at
 # every offset within ±3 of the copy puts ≥ 0.25 on offsets {0, +1} once rolled back through a layer-0
-# head; else `none`. Queries: validation positions that predict an induction target.
+# head; else `none`. A label needs behaviour too: below induction accuracy 0.5 on the same sequences, an
+# attention label becomes `partial` (`offsets.THRESHOLDS`, frozen with their provenance). Queries:
+# validation positions that predict an induction target.
 
 # %%
 labels = offsets[offsets.metric == "mechanism"][["step", "label", "layer", "head", "source_layer", "source_head"]]

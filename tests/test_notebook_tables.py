@@ -23,7 +23,7 @@ from initmi_utils.data import load_dataset
 from initmi_utils.geometry import geometry_table, hook_names
 from initmi_utils.handbuilt import ROLES, handbuilt_experiment, induction_model
 from initmi_utils.model import to_bridge
-from initmi_utils.offsets import induction_queries, offset_table
+from initmi_utils.offsets import induction_accuracy, induction_queries, offset_table
 from initmi_utils.tables import write_table
 
 STEPS = (0, 5, 9)
@@ -101,8 +101,10 @@ def test_attention_tables(run):
     _same(scores[scores.step == 5], attention.head_scores(attention.checkpoint_patterns(to_bridge(model), tokens), tokens, step=5))
     val_tokens, patterns = ds.val.tokens[:16], []
     with torch.no_grad():
-        model(val_tokens, patterns=patterns)
-    direct = offset_table(torch.stack(patterns), val_tokens, induction_queries(ds.val.target[:16]), step=5)
+        logits = model(val_tokens, patterns=patterns)
+    accuracy = induction_accuracy(logits, val_tokens, ds.val.target[:16])  # a label needs behaviour too
+    direct = offset_table(torch.stack(patterns), val_tokens, induction_queries(ds.val.target[:16]), step=5,
+                          accuracy=accuracy)
     _same(offsets[offsets.step == 5], direct)
 
 

@@ -198,7 +198,7 @@ def _label(pattern, tokens, queries=None) -> dict:
     df = offset_table(pattern, tokens, queries)
     row = df[df.metric == "mechanism"]
     assert len(row) == 1 and MECHANISMS[int(row.value.item())] == row.label.item()
-    return dict(classify_mechanism(df), table=df)
+    return dict(classify_mechanism(df, None), table=df)
 
 
 def _uniform(batch: int, n_layers: int, n_heads: int, n: int) -> torch.Tensor:
@@ -328,23 +328,23 @@ def _summary(plus1: float, near: float, composed: float, layer: int = 1, head: i
 
 def test_thresholds_are_where_the_docstring_says():
     e = 1e-3
-    assert classify_mechanism(_summary(CLASSIC_MIN_PLUS1, CLASSIC_MIN_PLUS1, 0.0))["label"] == "classic_induction"
-    assert classify_mechanism(_summary(CLASSIC_MIN_PLUS1 - e, 0.0, 0.0))["label"] == "none"
-    assert classify_mechanism(_summary(0.0, RECALL_MAX_NEAR - e, RECALL_MIN_COMPOSED))["label"] == "long_offset_recall"
-    assert classify_mechanism(_summary(0.0, RECALL_MAX_NEAR, RECALL_MIN_COMPOSED))["label"] == "none"
-    assert classify_mechanism(_summary(0.0, 0.0, RECALL_MIN_COMPOSED - e))["label"] == "none"
-    assert classify_mechanism(_summary(float("nan"), float("nan"), float("nan")))["label"] == "none"
-    assert classify_mechanism(_summary(0.9, 0.9, 0.9, layer=0))["label"] == "none"  # layer 0 cannot compose
-    assert classify_mechanism(_summary(0.0, 0.0, 0.6), recall_min_composed=0.7)["label"] == "none"
-    lab = classify_mechanism(_summary(0.0, 0.0, 0.5))
+    assert classify_mechanism(_summary(CLASSIC_MIN_PLUS1, CLASSIC_MIN_PLUS1, 0.0), None)["label"] == "classic_induction"
+    assert classify_mechanism(_summary(CLASSIC_MIN_PLUS1 - e, 0.0, 0.0), None)["label"] == "none"
+    assert classify_mechanism(_summary(0.0, RECALL_MAX_NEAR - e, RECALL_MIN_COMPOSED), None)["label"] == "long_offset_recall"
+    assert classify_mechanism(_summary(0.0, RECALL_MAX_NEAR, RECALL_MIN_COMPOSED), None)["label"] == "none"
+    assert classify_mechanism(_summary(0.0, 0.0, RECALL_MIN_COMPOSED - e), None)["label"] == "none"
+    assert classify_mechanism(_summary(float("nan"), float("nan"), float("nan")), None)["label"] == "none"
+    assert classify_mechanism(_summary(0.9, 0.9, 0.9, layer=0), None)["label"] == "none"  # layer 0 cannot compose
+    assert classify_mechanism(_summary(0.0, 0.0, 0.6), None, recall_min_composed=0.7)["label"] == "none"
+    lab = classify_mechanism(_summary(0.0, 0.0, 0.5), None)
     assert (lab["source_layer"], lab["source_head"], lab["score"]) == (0, 1, 0.5)
     # shifted induction: +2 and composed, checked before recall (its +2 mass is near the copy)
-    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED, plus2=SHIFTED_MIN_PLUS2))["label"] == "shifted_induction"
-    assert classify_mechanism(_summary(0.0, 0.0, 0.6, plus2=SHIFTED_MIN_PLUS2))["label"] == "shifted_induction"
-    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED, plus2=SHIFTED_MIN_PLUS2 - e))["label"] == "none"
-    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED - e, plus2=0.9))["label"] == "none"
-    assert classify_mechanism(_summary(CLASSIC_MIN_PLUS1, 0.9, 0.9, plus2=0.9))["label"] == "classic_induction"
-    lab = classify_mechanism(_summary(0.0, 0.9, 0.5, plus2=0.8))
+    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED, plus2=SHIFTED_MIN_PLUS2), None)["label"] == "shifted_induction"
+    assert classify_mechanism(_summary(0.0, 0.0, 0.6, plus2=SHIFTED_MIN_PLUS2), None)["label"] == "shifted_induction"
+    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED, plus2=SHIFTED_MIN_PLUS2 - e), None)["label"] == "none"
+    assert classify_mechanism(_summary(0.0, 0.9, RECALL_MIN_COMPOSED - e, plus2=0.9), None)["label"] == "none"
+    assert classify_mechanism(_summary(CLASSIC_MIN_PLUS1, 0.9, 0.9, plus2=0.9), None)["label"] == "classic_induction"
+    lab = classify_mechanism(_summary(0.0, 0.9, 0.5, plus2=0.8), None)
     assert (lab["source_layer"], lab["source_head"], lab["score"]) == (0, 1, 0.8)
 
 
@@ -358,3 +358,233 @@ def test_mechanism_labels_per_run_and_step():
     assert labels.loc[("a", 10), "mechanism"] == "classic_induction"
     assert labels.loc[("b", 10), "mechanism"] == "long_offset_recall" and labels.loc[("b", 0), "mechanism"] == "none"
     assert mechanism_labels(pd.DataFrame(columns=["run", "step", "layer", "head", "metric", "value"])).empty
+
+
+# ---------------------------------------------------------------------------------------------
+# Each label's definition pinned by planted answers with *literal* values on both sides of every
+# threshold: loosening (or tightening) any value of ``Thresholds`` fails at least one of these.
+# (The tests above read the constants, so they move with them and pin nothing.)
+
+import dataclasses  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from initmi_utils.behavior import next_token_stats  # noqa: E402
+from initmi_utils.offsets import (  # noqa: E402
+    ACCURACY_METRIC,
+    MIN_INDUCTION_ACCURACY,
+    REPORT_ORDER,
+    THRESHOLDS,
+    Thresholds,
+    induction_accuracy,
+)
+
+
+def test_thresholds_are_one_frozen_table_and_labels_only_ever_appended():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        THRESHOLDS.classic_min_plus1 = 0.05
+    assert (CLASSIC_MIN_PLUS1, SHIFTED_MIN_PLUS2, RECALL_MIN_COMPOSED, RECALL_MAX_NEAR, MIN_INDUCTION_ACCURACY) == (
+        THRESHOLDS.classic_min_plus1, THRESHOLDS.shifted_min_plus2, THRESHOLDS.recall_min_composed,
+        THRESHOLDS.recall_max_near, THRESHOLDS.min_induction_accuracy)
+    # stored ``mechanism`` rows hold the index: the first four must never move
+    assert MECHANISMS[:4] == ("none", "classic_induction", "long_offset_recall", "shifted_induction")
+    assert MECHANISMS[4] == "partial" and sorted(REPORT_ORDER) == sorted(MECHANISMS)
+
+
+def _lab(plus1=0.0, near=0.0, composed=0.0, plus2=0.0, accuracy=None, **kw) -> str:
+    return classify_mechanism(_summary(plus1, near, composed, plus2=plus2), accuracy, **kw)["label"]
+
+
+E = 0.001  # "just below / just above"; literal thresholds on purpose (see the section comment)
+
+
+def test_classic_edge_plus1_mass():
+    assert _lab(plus1=0.3 - E) == "none"
+    assert _lab(plus1=0.3 + E) == "classic_induction"
+
+
+def test_shifted_edge_plus2_mass_and_composed_mass():
+    # near 0.9 (the +2 mass is near the copy) keeps recall out; only the shifted rule can fire
+    assert _lab(plus2=0.3 - E, near=0.9, composed=0.9) == "none"
+    assert _lab(plus2=0.3 + E, near=0.9, composed=0.9) == "shifted_induction"
+    assert _lab(plus2=0.9, near=0.9, composed=0.25 - E) == "none"
+    assert _lab(plus2=0.9, near=0.9, composed=0.25 + E) == "shifted_induction"
+
+
+def test_recall_edge_composed_mass_and_near_mass():
+    assert _lab(near=0.0, composed=0.25 - E) == "none"
+    assert _lab(near=0.0, composed=0.25 + E) == "long_offset_recall"
+    assert _lab(near=0.1 - E, composed=0.9) == "long_offset_recall"
+    assert _lab(near=0.1 + E, composed=0.9) == "none"
+
+
+@pytest.mark.parametrize("attention, label", [
+    (dict(plus1=0.9, near=0.9), "classic_induction"),
+    (dict(plus2=0.9, near=0.9, composed=0.9), "shifted_induction"),
+    (dict(near=0.0, composed=0.9), "long_offset_recall"),
+])
+def test_accuracy_floor_edge(attention, label):
+    assert _lab(**attention, accuracy=0.5 - E) == "partial"
+    assert _lab(**attention, accuracy=0.5 + E) == label
+    assert _lab(**attention, accuracy=0.5) == label  # the floor itself passes (>=)
+    assert _lab(**attention, accuracy=float("nan")) == "partial"  # measured without a target: no evidence
+    assert _lab(**attention, accuracy=None) == label  # not measured: the attention label alone
+    lab = classify_mechanism(_summary(**{"plus1": 0.0, "near": 0.0, "composed": 0.0, **attention}), 0.49)
+    assert lab["attention_label"] == label and lab["layer"] == 1 and lab["accuracy"] == 0.49  # head kept
+
+
+def test_no_attention_evidence_stays_none_at_any_accuracy():
+    for acc in (0.0, 0.49, 0.99, None):
+        lab = classify_mechanism(_summary(0.0, 0.0, 0.0), acc)
+        assert lab["label"] == lab["attention_label"] == "none" and (lab["layer"], lab["head"]) == (-1, -1)
+
+
+def test_observed_heads_of_the_tuning_grid_keep_their_labels():
+    # The values ``Thresholds`` was tuned on (its docstring): each sits on one side of one threshold.
+    assert _lab(plus1=0.85) == "classic_induction"  # weakest induction head seen
+    assert _lab(plus1=0.19, near=0.19) == "none"  # strongest non-induction layer-1 head on +1
+    assert _lab(near=0.01, composed=0.31) == "long_offset_recall"  # a recall donor's weakest composed mass
+    assert _lab(near=0.01, composed=0.14) == "none"  # strongest composed mass in runs without induction
+    assert _lab(near=0.2, composed=0.74) == "none"  # mimetic duplicate-token head: near the copy
+    assert _lab(plus2=0.81, plus1=0.07, near=0.81, composed=0.6) == "shifted_induction"  # full seed 1
+    assert _lab(plus1=0.9, accuracy=0.74) == "classic_induction"  # lowest-accuracy run labelled in the grid
+    assert _lab(near=0.01, composed=0.55, accuracy=0.45) == "partial"  # like the never-emerged donor of seed 3
+    assert _lab(near=0.01, composed=0.55, accuracy=0.71) == "long_offset_recall"  # like that of seed 1
+
+
+def test_thresholds_can_be_overridden_by_name_only():
+    assert _lab(plus1=0.2, classic_min_plus1=0.1) == "classic_induction"
+    assert classify_mechanism(_summary(0.2, 0.0, 0.0), None, Thresholds(classic_min_plus1=0.1))["label"] == "classic_induction"
+    assert _lab(plus1=0.9, accuracy=0.3, min_induction_accuracy=0.2) == "classic_induction"
+    with pytest.raises(TypeError):
+        _lab(plus1=0.9, classic_min_plus=0.1)  # a typo is an error, not a silently ignored keyword
+
+
+# The same edges through the whole path (patterns -> ``offset_table`` -> label): planted patterns
+# whose attention mass is exactly ``w`` on the key the rule looks at and the rest on BOS.
+
+D = 6  # the recall circuit's look-back in these patterns
+
+
+def _keys(tokens, kind: str, o: int = 0) -> torch.Tensor:
+    n = tokens.shape[1]
+    q = torch.arange(n).expand_as(tokens)
+    if kind == "back":  # o positions before the query (BOS when there is none)
+        return (q - o).clamp(min=0)
+    src = earlier_copy_index(tokens)  # o after the earlier copy (BOS when that key is not causal)
+    return torch.where((src >= 0) & (src + o >= 1) & (src + o <= q), src + o, 0)
+
+
+def _planted(tokens, layer0, layer1) -> torch.Tensor:
+    """[layer=2, batch, head=2, q, k] from, per head, a list of (weight, keys): weight on those
+    keys, the remaining mass on BOS."""
+    n = tokens.shape[1]
+
+    def head(parts):
+        p = torch.zeros(*tokens.shape, n)
+        for w, keys in parts:
+            p += w * _one_hot_rows(keys, n)
+        p[..., 0] += 1 - sum(w for w, _ in parts)
+        return p
+
+    return torch.stack([torch.stack([head(h) for h in layer]).transpose(0, 1) for layer in (layer0, layer1)])
+
+
+@pytest.fixture(scope="module")
+def varied():
+    b = copy_batch(range(8, 21), n_ctx=40)
+    return b.tokens, induction_queries(b.target)
+
+
+def _planted_label(varied, layer0, layer1) -> str:
+    tokens, q = varied
+    return _label(_planted(tokens, layer0, layer1), tokens, q)["label"]
+
+
+@pytest.mark.parametrize("w, label", [(0.29, "none"), (0.31, "classic_induction")])
+def test_planted_classic_edge(varied, w, label):
+    t = varied[0]
+    prev, self_ = [(1.0, _keys(t, "back", 1))], [(1.0, _keys(t, "back", 0))]
+    assert _planted_label(varied, [prev, self_], [[(w, _keys(t, "copy", 1))], []]) == label
+
+
+@pytest.mark.parametrize("w, c, label", [(0.29, 1.0, "none"), (0.31, 1.0, "shifted_induction"),
+                                         (0.9, 0.27, "none"), (0.9, 0.29, "shifted_induction")])
+def test_planted_shifted_edges(varied, w, c, label):
+    # L1H0: w on +2; L0H0 looks one back with mass c, so composed mass on +1 is w * c
+    t = varied[0]
+    layer0 = [[(c, _keys(t, "back", 1))], [(1.0, _keys(t, "back", 0))]]
+    assert _planted_label(varied, layer0, [[(w, _keys(t, "copy", 2))], []]) == label
+
+
+@pytest.mark.parametrize("w, near, label", [(0.24, 0.0, "none"), (0.26, 0.0, "long_offset_recall"),
+                                            (0.8, 0.09, "long_offset_recall"), (0.8, 0.11, "none")])
+def test_planted_recall_edges(varied, w, near, label):
+    # L1H0: w D after the copy (composed through L0H0, D back: w on offset 0) and ``near`` on -2
+    t = varied[0]
+    layer0 = [[(1.0, _keys(t, "back", D))], [(1.0, _keys(t, "back", 0))]]
+    l1h0 = [(w, _keys(t, "copy", D))] + ([(near, _keys(t, "copy", -2))] if near else [])
+    assert _planted_label(varied, layer0, [l1h0, []]) == label
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour in the label: the accuracy's sources.
+
+
+def test_induction_accuracy_is_next_token_stats_acc_induction():
+    model, _ = induction_model(noise=0.03)
+    b = copy_batch(range(5, 41))
+    with torch.no_grad():
+        logits = model(b.tokens)
+    acc = induction_accuracy(logits, b.tokens, b.target)
+    assert acc == pytest.approx(next_token_stats(logits, b)["acc_induction"])
+    assert math.isnan(induction_accuracy(logits, b.tokens, torch.zeros_like(b.target)))
+
+
+def test_model_mechanism_needs_the_model_to_copy():
+    model, roles = induction_model()
+    b = copy_batch(range(5, 41))
+    lab = model_mechanism(model, b)
+    assert lab["label"] == "classic_induction" and lab["accuracy"] > 0.95
+    with torch.no_grad():
+        model.unembed.W_U.zero_()  # same attention, but every logit is 0: the argmax is BOS, never right
+    lab = model_mechanism(model, b)
+    assert lab["label"] == "partial" and lab["attention_label"] == "classic_induction"
+    assert lab["accuracy"] == 0.0 and (lab["layer"], lab["head"]) == roles.induction
+
+
+def test_offset_table_stores_the_accuracy_it_labelled_with(varied):
+    tokens, q = varied
+    t = tokens
+    pattern = _planted(t, [[(1.0, _keys(t, "back", 1))], []], [[(0.9, _keys(t, "copy", 1))], []])
+    df = offset_table(pattern, tokens, q, step=7, accuracy=0.3)
+    mech = df[df.metric == "mechanism"]
+    assert mech.label.item() == "partial" and MECHANISMS[int(mech.value.item())] == "partial"
+    assert df[df.metric == ACCURACY_METRIC].value.item() == pytest.approx(0.3)
+    assert not (offset_table(pattern, tokens, q).metric == ACCURACY_METRIC).any()  # not measured: no row
+    assert offset_table(pattern, tokens, q).query("metric == 'mechanism'").label.item() == "classic_induction"
+    # mechanism_labels re-reads the stored accuracy, so relabelling a stored table keeps the floor
+    labels = mechanism_labels(df.assign(run="a"))
+    assert labels.mechanism.item() == "partial" and labels.attention_mechanism.item() == "classic_induction"
+    assert labels.accuracy.item() == pytest.approx(0.3)
+
+
+def test_mechanism_labels_take_the_accuracy_from_the_behavior_table():
+    rows = [_summary(0.8, 0.8, 0.6).assign(run="a", scheme="x", seed=0, step=10),
+            _summary(0.0, 0.0, 0.5).assign(run="b", scheme="x", seed=1, step=10),
+            _summary(0.8, 0.8, 0.6).assign(run="b", scheme="x", seed=1, step=0)]
+    offsets = pd.concat(rows, ignore_index=True)
+    behavior = pd.DataFrame([dict(run="a", scheme="x", seed=0, step=10, metric="val_acc_induction", value=0.49),
+                             dict(run="a", scheme="x", seed=0, step=10, metric="val_loss", value=2.0),
+                             dict(run="b", scheme="x", seed=1, step=10, metric="val_acc_induction", value=0.9)])
+    labels = mechanism_labels(offsets, behavior).set_index(["run", "step"])
+    assert labels.loc[("a", 10), "mechanism"] == "partial"  # the example of the issue: 0.49 is not induction
+    assert labels.loc[("a", 10), "attention_mechanism"] == "classic_induction"
+    assert labels.loc[("b", 10), "mechanism"] == "long_offset_recall" and labels.loc[("b", 10), "accuracy"] == 0.9
+    # (b, 0) has no behaviour row: accuracy unavailable, the attention label alone, visibly so
+    assert labels.loc[("b", 0), "mechanism"] == "classic_induction" and math.isnan(labels.loc[("b", 0), "accuracy"])
+    # without behaviour every label is attention-only and says so
+    alone = mechanism_labels(offsets)
+    assert alone.accuracy.isna().all() and (alone.mechanism == alone.attention_mechanism).all()
+    with pytest.raises(ValueError, match="no key column"):
+        mechanism_labels(offsets, behavior.drop(columns=["run", "scheme", "seed", "step"]))
