@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from initmi_utils import plots
-from initmi_utils.behavior import emergence_step
+from initmi_utils.behavior import EMERGENCE_DEFINITIONS, HEADLINE_METRIC, emergence_step, emergence_steps
 from initmi_utils.inference import (MEAN_CI, MEAN_CI_SENTENCE, MEDIAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary,
                                     format_ci, format_level, scheme_tests, summarise)
 from initmi_utils.report import Section
@@ -40,7 +40,7 @@ FINAL_METRICS = ("val_loss", "val_acc_induction", "val_logit_diff")
 BAND_LEGEND = "scheme (band: 95% t-interval of the mean over seeds)"
 
 
-def emergence(metrics: pd.DataFrame, threshold: float, horizon: int, metric: str = "val_acc_induction") -> pd.DataFrame:
+def emergence(metrics: pd.DataFrame, threshold: float, horizon: int, metric: str = HEADLINE_METRIC) -> pd.DataFrame:
     """Per run: emergence step (nan = never), ``emerged``, ``restricted`` (never = horizon) and
     ``time`` (never = +inf: censored, the form the log-rank test and the median read)."""
     rows = []
@@ -51,6 +51,54 @@ def emergence(metrics: pd.DataFrame, threshold: float, horizon: int, metric: str
         rows.append(dict(run=run, scheme=scheme, seed=int(seed), emergence_step=step, emerged=not never,
                          restricted=horizon if never else step, time=math.inf if never else step))
     return pd.DataFrame(rows, columns=["run", "scheme", "seed", "emergence_step", "emerged", "restricted", "time"])
+
+
+def emergence_by_definition(metrics: pd.DataFrame, horizon: int) -> pd.DataFrame:
+    """``emergence``'s columns plus ``definition``, one block per definition of
+    ``behavior.EMERGENCE_DEFINITIONS`` (thresholds 0.5 / 0.8 / 0.9 on unambiguous targets, 0.8 on all
+    targets, and the threshold-free sigmoid midpoint); never = censored at the horizon."""
+    rows = []
+    for (run, scheme, seed), g in metrics.groupby(["run", "scheme", "seed"], sort=False):
+        for name, step in emergence_steps(g, horizon).items():
+            never = math.isnan(step)
+            rows.append(dict(definition=name, run=run, scheme=scheme, seed=int(seed), emergence_step=step,
+                             emerged=not never, restricted=horizon if never else step,
+                             time=math.inf if never else step))
+    return pd.DataFrame(rows, columns=["definition", "run", "scheme", "seed", "emergence_step", "emerged", "restricted",
+                                       "time"])
+
+
+def scheme_order(summary: pd.DataFrame) -> list[str]:
+    """Schemes from first to last to emerge: by median step (Kaplan–Meier median: with every
+    censoring at the horizon it is the plain median with never = +inf), ties by restricted mean."""
+    return list(summary.sort_values(["median", "restricted_mean"], kind="mergesort").scheme)
+
+
+def ordering_swaps(summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Pairs of schemes that two definitions order oppositely *with non-overlapping intervals in
+    both*: under one, a's order-statistic interval lies entirely before b's, under the other
+    entirely after. That is what "the definition decides the answer" means; a swap of two schemes
+    whose intervals overlap is noise. Empty = the ordering holds under every definition."""
+    def before(s: pd.DataFrame, a: str, b: str) -> bool | None:
+        ra, rb = s.set_index("scheme").loc[a], s.set_index("scheme").loc[b]
+        if ra.median_high < rb.median_low:
+            return True
+        if rb.median_high < ra.median_low:
+            return False
+        return None
+
+    rows = []
+    names = list(summaries)
+    for i, d1 in enumerate(names):
+        for d2 in names[i + 1:]:
+            s1, s2 = summaries[d1], summaries[d2]
+            common = [s for s in s1.scheme if s in set(s2.scheme)]
+            for j, a in enumerate(common):
+                for b in common[j + 1:]:
+                    x, y = before(s1, a, b), before(s2, a, b)
+                    if x is not None and y is not None and x != y:
+                        rows.append(dict(definition_a=d1, definition_b=d2, scheme_a=a, scheme_b=b))
+    return pd.DataFrame(rows, columns=["definition_a", "definition_b", "scheme_a", "scheme_b"])
 
 
 def _times(g: pd.DataFrame) -> np.ndarray:
@@ -117,6 +165,29 @@ def final_tests(metrics: pd.DataFrame, schemes: Sequence[str], reference: str = 
     return summ, omni, ref, pairs
 
 
+def _robustness(study: Study, sec: Section, res: Result, metrics: pd.DataFrame) -> None:
+    """Emergence under every definition, the scheme order under each, and whether any two schemes
+    with non-overlapping intervals swap between definitions."""
+    byd = emergence_by_definition(metrics, study.horizon)
+    summaries = {d: emergence_summary(byd[byd.definition == d], study.schemes) for d in EMERGENCE_DEFINITIONS}
+    swaps = ordering_swaps(summaries)
+    table = pd.concat([s.assign(definition=d) for d, s in summaries.items()], ignore_index=True)
+    res.tables.update(emergence_definitions=byd, emergence_definition_summary=table, emergence_ordering_swaps=swaps)
+    sec.heading("Does the definition of emergence decide the answer?")
+    rows = [{"definition": d, "order (first to emerge → last)": " < ".join(scheme_order(s)),
+             **{sch: format_ci(*r) for sch, r in zip(s.scheme, s[["median", "median_low", "median_high"]].values)}}
+            for d, s in summaries.items()]
+    sec.table(pd.DataFrame(rows), f"Median emergence step [order-statistic interval] per scheme under each definition "
+                                  f"(the first is the headline); 'not reached' = half or more of the seeds never emerged.")
+    if swaps.empty:
+        sec.text("No two schemes whose intervals do not overlap swap order between any two definitions: the "
+                 "ordering holds under every definition.")
+    else:
+        sec.text(f"{len(swaps)} pair(s) of schemes swap order between definitions with non-overlapping intervals in "
+                 f"both: the definition decides part of the answer.")
+        sec.table(swaps, "Swaps between definitions (schemes whose intervals do not overlap under either).")
+
+
 def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = None, n_perm: int = 10_000,
         seed: int = 0, reference: str = REFERENCE, alpha: float = ALPHA) -> Result:
     """RQ1's section. ``n_boot`` is unused (intervals are t- and order-statistic intervals now);
@@ -136,14 +207,18 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
     sec.figure(fig, f"Mean over seeds per scheme; band = pointwise {MEAN_CI} of the mean over the seeds evaluated at "
                     f"that step; legend gives n seeds.")
 
-    if (metrics.metric == "val_acc_induction").any():
+    if (metrics.metric == HEADLINE_METRIC).any():
         em = emergence(metrics, emergence_threshold, study.horizon)
         summ = emergence_summary(em, study.schemes)
         surv = survival_curves(em, study.horizon, study.schemes)
-        omni, tests, pairs = emergence_tests(em, study.schemes, reference, n_perm, seed, alpha)
+        # A seeded run starts from a trained donor: its student steps are not comparable, so it
+        # is left out of the step-matched emergence tests (its donor's compute is not counted).
+        tested = [s for s in study.schemes if s != "seeded"]
+        omni, tests, pairs = emergence_tests(em[em.scheme.isin(tested)], tested, reference, n_perm, seed, alpha)
         res.tables.update(emergence=em, emergence_summary=summ, survival=surv, emergence_omnibus=omni,
                           emergence_tests=tests, emergence_tests_all_pairs=pairs)
-        sec.heading(f"Emergence: first evaluated step with val_acc_induction ≥ {emergence_threshold}")
+        sec.heading(f"Emergence: first evaluated step with induction accuracy ≥ {emergence_threshold} on unambiguous "
+                    f"targets (the query token occurs once before it)")
         fig = plots.survival_figure(surv, f"Fraction of seeds emerged by step t (threshold {emergence_threshold})",
                                     study.colors)
         res.figures["rq1_survival"] = fig
@@ -174,8 +249,10 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
            f"restricted mean (never = horizon) [{MEAN_CI}]", f"mean step of emerged [{MEAN_CI}]"]]
         sec.table(show, f"Emergence step per scheme. The step is skewed, so the headline is the {MEDIAN_CI_SENTENCE}; "
                         f"the means carry the {MEAN_CI} (restricted mean: never-emerged seeds count as the horizon).")
-        show_scheme_tests(sec, omni, tests, "Emergence step", PAIR_NAME["logrank"] + "; z < 0: the scheme emerges "
-                          "later than the reference", "emergence_tests_all_pairs", alpha)
+        show_scheme_tests(sec, omni, tests, "Emergence step (seeded runs excluded: their donor's steps are not "
+                          "counted)", PAIR_NAME["logrank"] + "; z < 0: the scheme emerges later than the reference",
+                          "emergence_tests_all_pairs", alpha)
+        _robustness(study, sec, res, metrics)
 
     summ, omni, ref, pairs = final_tests(metrics, study.schemes, reference, n_perm, seed, alpha)
     if len(summ):

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from initmi_utils import compare as C
+from initmi_utils import rq1 as rq1_module
+from initmi_utils.behavior import EMERGENCE_DEFINITIONS
 from initmi_utils import inference as I
 from initmi_utils import rq1 as R1
 from initmi_utils import rq2 as R2
@@ -48,7 +50,7 @@ def _metrics(scheme: str, seed: int, last_step: int = HORIZON) -> pd.DataFrame:
         acc = 0.3 * min(1.0, t / 1000) if math.isnan(te) else (0.95 if t >= te else 0.5 * t / te)
         loss = 4.0 - 1.0 * min(1.0, t / 1000) - (1.0 if not math.isnan(te) and t >= te else 0.0)
         loss += 0.01 * seed
-        for metric, value in [("val_loss", loss), ("train_loss", loss + 0.05), ("val_acc_induction", acc),
+        for metric, value in [("val_loss", loss), ("train_loss", loss + 0.05), ("val_acc_induction", acc), ("val_acc_induction_unambiguous", acc),
                               ("rep_acc_induction", acc), ("val_logit_diff", 5 * acc), ("induction_score", acc)]:
             rows.append(dict(step=t, metric=metric, value=value))
     return pd.DataFrame(rows)
@@ -371,12 +373,17 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     assert summ.loc["kaiming", "n"] == 4 and summ.loc["xavier", "n"] == 4  # named, not averaged silently
     assert summ.loc[NEVER, "emerged"] == 0
     pairs = r1.tables["emergence_tests_all_pairs"].set_index(["a", "b"])
-    assert len(pairs) == 21 and pairs.loc[("normal", NEVER), "p"] < 0.05  # planted: NEVER never emerges
+    # Seeded runs start from a trained donor whose steps are not counted: out of the emergence tests.
+    assert len(pairs) == 15 and "seeded" not in set(pairs.index.get_level_values(0)) | set(pairs.index.get_level_values(1))
+    assert pairs.loc[("normal", NEVER), "p"] < 0.05  # planted: NEVER never emerges
     # Omnibus across schemes, then the reference family: NEVER (and the late orthogonal, mimetic) vs normal.
     assert r1.tables["emergence_omnibus"].significant.item()
     tests = r1.tables["emergence_tests"].set_index("a")
     assert set(tests.b) == {"normal"} and list(tests[tests.family == "base"].index) == \
-        ["xavier", "kaiming", "orthogonal", NEVER, "mimetic"] and list(tests[tests.family == "seeded"].index) == ["seeded"]
+        ["xavier", "kaiming", "orthogonal", NEVER, "mimetic"] and (tests.family == "seeded").sum() == 0
+    # Every definition of emergence is shown; the planted study's accuracies agree, so no order swaps.
+    assert set(r1.tables["emergence_definitions"].definition) == set(EMERGENCE_DEFINITIONS)
+    assert r1.tables["emergence_ordering_swaps"].empty
     assert tests.loc[NEVER, "p"] == pytest.approx(2 / 252) and tests.loc[NEVER, "p_holm"] <= 0.05
     assert tests.loc[NEVER, "declared"] and tests.loc["orthogonal", "declared"]
     assert not tests.loc["xavier", "declared"]  # planted 500 steps later, overlapping seeds: not declared
@@ -492,3 +499,15 @@ def test_residual_cka_between_checkpoints(tmp_path: Path):
     x = cache.get("normal", 0, 0)["blocks.1.hook_resid_post"]
     assert x.shape == (16 * (32 - 1), 32)  # BOS position dropped
     assert cache.cka(("normal", 0, 0), ("normal", 0, 40)) == {} and "normal-s0@40" in cache.errors
+
+
+def test_an_ordering_swap_needs_non_overlapping_intervals_under_both_definitions():
+    def summary(rows):
+        return pd.DataFrame(rows, columns=["scheme", "median", "median_low", "median_high", "restricted_mean"])
+
+    a = summary([("x", 100, 90, 110, 100), ("y", 500, 450, 550, 500), ("z", 300, 100, 900, 300)])
+    b = summary([("x", 600, 590, 610, 600), ("y", 200, 150, 250, 200), ("z", 100, 50, 950, 100)])
+    swaps = rq1_module.ordering_swaps({"d1": a, "d2": b})
+    assert swaps[["scheme_a", "scheme_b"]].values.tolist() == [["x", "y"]]  # z overlaps everything: noise
+    assert rq1_module.ordering_swaps({"d1": a, "d2": a}).empty
+    assert rq1_module.scheme_order(a) == ["x", "z", "y"]
