@@ -163,7 +163,7 @@ def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8,
     r0 = overview(study)
     r1 = rq1(study, emergence_threshold, n_perm=n_perm, seed=seed, reference=reference, alpha=alpha)
     r2 = rq2(study, match_step, loss_match_target, role_threshold, similar_loss_eps, cka_sequences=cka_sequences,
-             n_perm=n_perm, seed=seed, reference=reference, alpha=alpha)
+             n_perm=n_perm, seed=seed, reference=reference, alpha=alpha, emergence_threshold=emergence_threshold)
     r3 = rq3(study, r1.tables.get("emergence"), early_fraction, n_perm=n_perm, seed=seed, reference=reference,
              alpha=alpha)
     r4 = persistence(study)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from initmi_utils import plots
+from initmi_utils.behavior import emergence_table
 from initmi_utils.donor_persistence import seeded_slots
 from initmi_utils.inference import (MEAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary, format_ci,
                                     scheme_tests, summarise)
@@ -84,6 +85,56 @@ def step_matched(candidates: pd.DataFrame, metrics: pd.DataFrame, step: int = -1
     vl = _val_loss(metrics)
     out = out.merge(vl[["run", "step", "val_loss"]], on=["run", "step"], how="left")
     return out.reset_index(drop=True), int(step)
+
+
+LADDER_METRICS = {"val_loss": "ladder_val_loss", "val_loss_induction": "ladder_val_loss_induction"}
+LADDER_NAMES = {"val_loss": "val loss", "val_loss_induction": "loss on induction targets"}
+
+
+def ladder_target(ladder: pd.DataFrame, emergence: pd.DataFrame, which: str = "val_loss") -> float:
+    """The lowest level of the ``which`` ladder that every emerged run reaches (``nan`` if no
+    level is reached by all, or nothing emerged).
+
+    Loss falls as a run learns, so the lowest level common to all emerged runs is the one they
+    reach latest: past every run's emergence whenever any level is (a run crossing it before its
+    own emergence is flagged by ``ladder_matched``). Runs that never emerged do not set the
+    target; they are matched if they reach it and listed as "not reached" otherwise, never
+    matched on their plateau (what the largest per-scheme median final loss did whenever a
+    scheme's median run had not emerged).
+    """
+    lad = ladder[(ladder.metric == LADDER_METRICS[which]) & (ladder.step >= 0)]
+    runs = set(emergence[emergence.emerged].run)
+    if lad.empty or not runs:
+        return math.nan
+    for level in sorted(ladder[ladder.metric == LADDER_METRICS[which]].level.unique()):
+        if runs <= set(lad[lad.level == level].run):
+            return float(level)
+    return math.nan
+
+
+def ladder_matched(ladder: pd.DataFrame, metrics: pd.DataFrame, emergence: pd.DataFrame, level: float,
+                   which: str = "val_loss") -> pd.DataFrame:
+    """Each run at its ladder checkpoint of ``level``: (run, scheme, seed, step, loss (the ladder's
+    subset loss there), tolerance (level - loss: how far past the level the first step at or below
+    it landed), val_loss (full validation), reached, after_emergence)."""
+    lad = ladder[(ladder.metric == LADDER_METRICS[which]) & (ladder.level == level) & (ladder.step >= 0)]
+    lad = lad.drop_duplicates("run").set_index("run")
+    em = emergence.set_index("run")
+    vl = _val_loss(metrics).set_index(["run", "step"]).val_loss
+    rows = []
+    for run, scheme, seed in runs_of(metrics).itertuples(index=False):
+        if run in lad.index:
+            r = lad.loc[run]
+            step = int(r.step)
+            emerged_at = float(em.emergence_step[run]) if run in em.index else math.nan
+            rows.append(dict(run=run, scheme=scheme, seed=int(seed), step=step, loss=float(r.value),
+                             tolerance=float(r.tolerance), val_loss=float(vl.get((run, step), math.nan)), reached=True,
+                             after_emergence=bool(not math.isnan(emerged_at) and step >= emerged_at)))
+        else:
+            rows.append(dict(run=run, scheme=scheme, seed=int(seed), step=np.nan, loss=np.nan, tolerance=np.nan,
+                             val_loss=np.nan, reached=False, after_emergence=False))
+    return pd.DataFrame(rows, columns=["run", "scheme", "seed", "step", "loss", "tolerance", "val_loss", "reached",
+                                       "after_emergence"])
 
 
 def auto_loss_target(metrics: pd.DataFrame) -> float:
@@ -462,7 +513,7 @@ def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, mat
 def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role_threshold: float = 0.4,
         similar_loss_eps: float = 0.05, ablation_metric: str = "zero_ablation_loss_delta",
         cka_sequences: int = 128, n_boot: int | None = None, n_perm: int = 10_000, seed: int = 0,
-        reference: str = REFERENCE, alpha: float = ALPHA) -> Result:
+        reference: str = REFERENCE, alpha: float = ALPHA, emergence_threshold: float = 0.8) -> Result:
     """RQ2's section. ``n_boot`` is unused (intervals are t-intervals now); it is accepted so
     that existing calls keep working."""
     sec = Section("RQ2 · Mechanisms at step- and loss-matched checkpoints")
@@ -495,20 +546,47 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
         _rq2_view(study, sec, res, "step", f"Step-matched (step {step})", sm, role_threshold, similar_loss_eps,
                   ablation_metric, cka_cache, reference, n_perm, seed, alpha)
 
-    target = loss_match_target if loss_match_target > 0 else auto_loss_target(metrics)
-    lm = loss_matched(candidates, metrics, target)
-    how = "given" if loss_match_target > 0 else "automatic: the largest per-scheme median final val loss"
-    sec.heading(f"Loss-matched: first checkpoint with val loss ≤ {target:.4g} ({how})")
-    never = lm[~lm.reached].run.tolist()
-    if never:
-        sec.note(f"Never reached val loss ≤ {target:.4g} at an analysed checkpoint: {', '.join(never)}.", "warning")
-    sec.table(lm, "Loss-matched checkpoint per run.")
-    _rq2_view(study, sec, res, "loss", f"Loss-matched (val loss ≤ {target:.4g})", lm, role_threshold, similar_loss_eps,
-              ablation_metric, cka_cache, reference, n_perm, seed, alpha)
+    ladder = study.table("ladder")
+    em = emergence_table(metrics, emergence_threshold)
+    targets = []
+    if ladder.empty:
+        sec.note("No loss-ladder checkpoints (table `ladder`, written by training): the loss-matched views need "
+                 "them; retrain the runs (notebook 01) to add them.", "warning")
+    for key, which in (("loss", "val_loss"), ("induction_loss", "val_loss_induction")):
+        if ladder.empty:
+            break
+        given = loss_match_target if which == "val_loss" and loss_match_target > 0 else 0.0
+        target = given or ladder_target(ladder, em, which)
+        how = "given" if given else ("automatic: the lowest ladder level every emerged run reaches (emergence: "
+                                     f"unambiguous induction accuracy ≥ {emergence_threshold})")
+        name = LADDER_NAMES[which]
+        targets.append(dict(view=key, loss=which, target=target, how=how))
+        sec.heading(f"Loss-matched on the {name}: each run at its first step with {name} ≤ {target:.4g} ({how})")
+        if math.isnan(target):
+            sec.note(f"No level of the {name} ladder is reached by every emerged run (or no run emerged): no "
+                     f"{name}-matched view.", "warning")
+            continue
+        lm = ladder_matched(ladder, metrics, em, target, which)
+        if not lm.reached.any():
+            sec.note(f"{target:.4g} is not a level of the {name} ladder any run reached.", "warning")
+            continue
+        never = lm[~lm.reached].run.tolist()
+        if never:
+            sec.note(f"Not reached ({name} never ≤ {target:.4g}; not matched anywhere else): {', '.join(never)}.",
+                     "warning")
+        early = lm[lm.reached & ~lm.after_emergence].run.tolist()
+        if early:
+            sec.note(f"Matched before their own emergence (or never emerged): {', '.join(early)}.", "warning")
+        res.tables[f"{key}_matched"] = lm
+        sec.table(lm, f"Loss-matched checkpoint per run: the first step whose {name} on the ladder's fixed "
+                      f"validation subset is ≤ {target:.4g}; tolerance = level − loss there (max "
+                      f"{lm.tolerance.max():.3g} nats over reached runs).")
+        _rq2_view(study, sec, res, key, f"Loss-matched ({name} ≤ {target:.4g})", lm, role_threshold,
+                  similar_loss_eps, ablation_metric, cka_cache, reference, n_perm, seed, alpha)
     if cka_cache is not None and cka_cache.errors:
         sec.note("CKA left empty where a checkpoint could not be read: " +
                  "; ".join(f"{k}: {v}" for k, v in list(cka_cache.errors.items())[:10]), "warning")
-    res.tables["loss_target"] = pd.DataFrame([dict(target=target, how=how)])
+    res.tables["loss_target"] = pd.DataFrame(targets, columns=["view", "loss", "target", "how"])
     return res
 
 

@@ -45,9 +45,10 @@ from initmi_utils.schemes import SCHEMES
 from initmi_utils.stats import ALPHA
 from initmi_utils.tables import COLUMNS, read_table
 
-TABLES = ("metrics", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits",
+TABLES = ("metrics", "ladder", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits",
           "persistence", "offsets", "paths")
-ANALYSIS_TABLES = TABLES[1:]  # written by notebooks 02-06 (metrics by 01)
+TRAINING_TABLES = ("metrics", "ladder")  # written by training (notebook 01)
+ANALYSIS_TABLES = tuple(t for t in TABLES if t not in TRAINING_TABLES)  # written by notebooks 02-06
 SPARSE_TABLES = ("paths",)  # no rows for a run without a copying head: absence is not a missing analysis
 
 
@@ -111,7 +112,7 @@ def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame],
             status = "failed notebook" if status == "ok" else status
             problems.append(f"notebook(s) without success stamp: {', '.join(failed)}")
         absent = [n for n in present_tables
-                  if n != "metrics" and n not in SPARSE_TABLES and not (tables[n].run == r.run).any()]
+                  if n not in TRAINING_TABLES and n not in SPARSE_TABLES and not (tables[n].run == r.run).any()]
         if absent and status != "missing":
             status = "partial" if status == "ok" else status
             problems.append(f"tables absent: {', '.join(absent)}")

@@ -23,7 +23,7 @@ root: str = ""  # project root: reads its data/ and checkpoints/, writes figures
 seeds: list = []  # init seeds the grid ran (the pipeline passes its --seeds); empty means the preset's
 emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction has emerged"
 match_step: int = -1  # step-matched view at this step; -1 means the last step every run has analysed
-loss_match_target: float = 0.0  # loss-matched view at this val loss; 0 means automatic (largest per-scheme median final val loss)
+loss_match_target: float = 0.0  # val-loss ladder level of the loss-matched view; 0 means automatic (the lowest level every emerged run reaches)
 role_threshold: float = 0.4  # attention score a head needs to get a role (induction, prev_token, duplicate, bos)
 similar_loss_eps: float = 0.05  # runs whose matched val losses differ by less than this are "similar loss"
 early_fraction: float = 0.1  # early geometry: the checkpoint nearest this fraction of training
@@ -44,7 +44,8 @@ rq1.section.show()
 
 # %%
 rq2 = compare.rq2(study, match_step=match_step, loss_match_target=loss_match_target, role_threshold=role_threshold,
-                  similar_loss_eps=similar_loss_eps, cka_sequences=cka_sequences, n_boot=n_boot, n_perm=n_perm)
+                  similar_loss_eps=similar_loss_eps, cka_sequences=cka_sequences, n_boot=n_boot, n_perm=n_perm,
+                  emergence_threshold=emergence_threshold)
 rq2.section.show()
 
 # %%

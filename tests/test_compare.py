@@ -15,6 +15,7 @@ import torch
 from initmi_utils import compare as C
 from initmi_utils import rq1 as rq1_module
 from initmi_utils.behavior import EMERGENCE_DEFINITIONS
+from initmi_utils.behavior import emergence_table as behavior_emergence_table
 from initmi_utils import inference as I
 from initmi_utils import rq1 as R1
 from initmi_utils import rq2 as R2
@@ -53,6 +54,30 @@ def _metrics(scheme: str, seed: int, last_step: int = HORIZON) -> pd.DataFrame:
         for metric, value in [("val_loss", loss), ("train_loss", loss + 0.05), ("val_acc_induction", acc), ("val_acc_induction_unambiguous", acc),
                               ("rep_acc_induction", acc), ("val_logit_diff", 5 * acc), ("induction_score", acc)]:
             rows.append(dict(step=t, metric=metric, value=value))
+    return pd.DataFrame(rows)
+
+
+LADDER = {"val_loss": (3.5, 2.5, 2.2, 1.9), "val_loss_induction": (3.0, 1.0)}
+
+
+def _ladder(scheme: str, seed: int, last_step: int = HORIZON) -> pd.DataFrame:
+    """The loss ladder as training writes it, at the analysed checkpoints: val loss falls from 4 to
+    the 3.0x plateau by step 1000 (3.5 is crossed on the way, at step 500, *before* anything
+    emerges), and to 2.0x at emergence (2.5 and 2.2 reached then, 1.9 never); the induction loss
+    falls from 4 to 0.5 at emergence."""
+    te = planted_emergence(scheme, seed)
+    rows = []
+    for which, levels in LADDER.items():
+        for level in levels:
+            step = -1
+            for t in [s for s in CKPT_STEPS if s <= last_step]:  # ladder steps are analysed checkpoints
+                emerged = not math.isnan(te) and t >= te
+                loss = (4.0 - min(1.0, t / 1000) - (1.0 if emerged else 0.0) + 0.01 * seed if which == "val_loss"
+                        else (0.5 if emerged else 4.0))
+                if loss <= level and (step < 0 or t < step):
+                    step, value = int(t), loss
+            rows.append(dict(step=step, metric=f"ladder_{which}", level=level,
+                             value=value if step >= 0 else math.nan, tolerance=level - value if step >= 0 else math.nan))
     return pd.DataFrame(rows)
 
 
@@ -175,6 +200,7 @@ def make_synthetic_study(root: Path, drop: tuple[str, int] = ("kaiming", 4), tru
             cfg = experiment(PRESET, scheme, seed)
             last = 2000 if (scheme, seed) == truncate else HORIZON
             write_table(_metrics(scheme, seed, last), cfg, "metrics", root)
+            write_table(_ladder(scheme, seed, last), cfg, "ladder", root)
             write_table(_attention(scheme, seed), cfg, "attention", root)
             write_table(_ablation(scheme, seed), cfg, "ablation", root)
             write_table(_offsets(scheme, seed), cfg, "offsets", root)
@@ -511,3 +537,24 @@ def test_an_ordering_swap_needs_non_overlapping_intervals_under_both_definitions
     assert swaps[["scheme_a", "scheme_b"]].values.tolist() == [["x", "y"]]  # z overlaps everything: noise
     assert rq1_module.ordering_swaps({"d1": a, "d2": a}).empty
     assert rq1_module.scheme_order(a) == ["x", "z", "y"]
+
+
+def test_the_loss_target_is_never_the_plateau_and_every_emerged_run_is_matched_after_its_emergence(study_root: Path):
+    # The old automatic target, the largest per-scheme median final val loss, is the plateau here
+    # (NEVER's runs end at 3.0x): it matched emerged runs before their emergence.
+    study = C.load_study(PRESET, study_root)
+    metrics, ladder = study.table("metrics"), study.table("ladder")
+    old = R2.auto_loss_target(metrics)
+    assert old >= 3.0
+    em = behavior_emergence_table(metrics, 0.8)
+    assert R2.ladder_target(ladder, em, "val_loss") == 2.2  # 3.5 is crossed by all, before anything emerged
+    assert R2.ladder_target(ladder, em, "val_loss_induction") == 1.0
+    lm = R2.ladder_matched(ladder, metrics, em, 2.2).set_index("run")
+    emerged = em[em.emerged].run
+    assert lm.loc[emerged, "reached"].all() and lm.loc[emerged, "after_emergence"].all()
+    assert not lm.loc[f"{NEVER}-s0", "reached"]  # listed as not reached, never matched on its plateau
+    assert (lm.loc[emerged, "tolerance"] >= 0).all()
+    r2 = C.rq2(study, n_perm=200, cka_sequences=0)
+    targets = r2.tables["loss_target"].set_index("view").target
+    assert targets["loss"] == 2.2 and targets["induction_loss"] == 1.0
+    assert "induction_loss_matched" in r2.tables
