@@ -61,7 +61,8 @@ def _ablate_variants_hook(z: Float[Tensor, "variants_x_batch pos head d_head"], 
     return z
 
 
-def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, max_batch: int = 64) -> pd.DataFrame:
+def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, max_batch: int = 64,
+                     reference: Batch | None = None) -> pd.DataFrame:
     """The ablation effect matrix and the induction-score changes it causes downstream.
 
     For each kind in ``kinds`` and each head (l, h), head (l, h)'s ``hook_z`` is replaced by 0
@@ -75,6 +76,11 @@ def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, m
     - ``{kind}_ablation_induction_score_delta`` at every head (l2, h2) with l2 > l, with
       ``ablated_layer=l, ablated_head=h``: the change of (l2, h2)'s induction score;
     - ``clean_loss``, ``clean_acc``, ``clean_logit_diff`` (layer = head = -1): the baselines.
+
+    ``reference``: take the mean-ablation means from a forward on these sequences instead of on
+    ``batch`` (same length). The headline localisation evaluates on one half of the validation
+    set and takes the means over the other half (``localisation_by_layer``): a mean over the very
+    sequences being evaluated leaks each sequence's own activation into its baseline.
 
     Speed: the bridge's per-forward overhead dominates on small models, so the ablations run
     batched: the batch is repeated once per (kind, head) and one hook per layer ablates a
@@ -100,7 +106,11 @@ def ablation_effects(bridge, batch: Batch, kinds: tuple[str, ...] = ABLATIONS, m
         clean_induction = masked_score(patterns_from_cache(cache, n_layers).float(), induction_mask)
         for short, key in _STAT_NAMES.items():
             add(-1, -1, f"clean_{short}", clean[key])
-        means = {l: cache[z_name(l)].mean(0) for l in range(n_layers)}  # [pos head d_head]
+        if reference is not None:
+            _, ref_cache = bridge.run_with_cache(reference.tokens, names_filter=[z_name(l) for l in range(n_layers)])
+            means = {l: ref_cache[z_name(l)].mean(0) for l in range(n_layers)}  # [pos head d_head]
+        else:
+            means = {l: cache[z_name(l)].mean(0) for l in range(n_layers)}
         variants = [(kind, layer, head) for kind in kinds for layer in range(n_layers) for head in range(n_heads)]
         per_forward = max(1, max_batch // n)
         for start in range(0, len(variants), per_forward):
@@ -279,6 +289,47 @@ def localisation_table(effects: pd.DataFrame, sources: tuple[str, ...]) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def localisation_by_layer(effects: pd.DataFrame, sources: tuple[str, ...]) -> pd.DataFrame:
+    """``localisation`` within each layer separately (``layer`` = the layer, ``head`` = -1,
+    ``top_head`` = its largest head): "less localised" over all heads at once can just mean the
+    previous-token signal is spread over more layer-0 heads, while the copying layer has one head."""
+    rows = []
+    for source in sources:
+        sub = effects[(effects.metric == source) & (effects["layer"] >= 0) & (effects["head"] >= 0)]
+        for layer, g in sub.groupby("layer"):
+            loc = localisation(torch.tensor(g.sort_values("head").value.to_numpy()[None, :], dtype=torch.float64))
+            top = loc.pop("top_head")
+            loc.pop("top_layer")
+            for metric, value in loc.items():
+                rows.append({"layer": int(layer), "head": -1, "metric": f"{metric}_layer", "value": value,
+                             "source": source, "top_layer": int(layer), "top_head": top})
+    return pd.DataFrame(rows)
+
+
+HELDOUT_SOURCES = ("heldout_mean_ablation_logit_diff_delta", "heldout_mean_ablation_acc_delta",
+                   "heldout_zero_ablation_logit_diff_delta")  # per-layer localisation: the headline, then zero ablation
+
+
+def heldout_ablation(bridge, val: Batch, n_sequences: int = 64) -> pd.DataFrame:
+    """Mean ablation of every head evaluated on validation sequences with induction targets and
+    with its per-position means taken over *other* validation sequences: the first
+    ``n_sequences`` with targets are evaluated, the next ``n_sequences`` give the means (halves of
+    them when there are fewer than ``2 * n_sequences``). Rows
+    ``heldout_mean_ablation_{loss,acc,logit_diff}_delta``, ``heldout_zero_ablation_*`` (same
+    sequences; zero ablation needs no means and is the secondary column), ``heldout_clean_*``, plus
+    ``localisation_by_layer`` of ``HELDOUT_SOURCES``."""
+    has = val.target.any(1).nonzero().flatten()
+    n = min(n_sequences, len(has) // 2)  # a small validation set is split in halves
+    if n < 1:
+        raise ValueError("heldout_ablation needs at least 2 validation sequences with induction targets.")
+    evaluate, reference = has[:n], has[n:2 * n]
+    pick = lambda idx: Batch(val.tokens[idx], val.target[idx], val.distractor[idx])  # noqa: E731
+    ab = ablation_effects(bridge, pick(evaluate), reference=pick(reference))
+    ab = ab[~ab.metric.str.endswith("induction_score_delta")].copy()
+    ab["metric"] = "heldout_" + ab.metric  # apart from the same metrics measured on ``rep``
+    return pd.concat([ab, localisation_by_layer(ab, HELDOUT_SOURCES)], ignore_index=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Path ablation: one earlier head removed from one input (Q, K or V) of one later head.
 
@@ -357,11 +408,13 @@ PATCHING_SOURCES = ("patch_head_normalised",)  # the per-head effects whose loca
 
 
 def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: int = 32, n_patch_pairs: int = 32,
-           positions_every_checkpoint: bool = False) -> dict[str, pd.DataFrame]:
+           positions_every_checkpoint: bool = False, n_heldout: int = 64) -> dict[str, pd.DataFrame]:
     """Notebook 04's tables of run ``cfg`` under ``root``: ``{"ablation", "patching", "paths"}``.
 
     - ``ablation``: at every checkpoint, ``ablation_effects`` on the first ``n_examples`` sequences
-      of ``rep`` and the ``localisation_table`` of ``ABLATION_SOURCES`` (column ``source``);
+      of ``rep`` and the ``localisation_table`` of ``ABLATION_SOURCES`` (column ``source``), and
+      ``heldout_ablation`` on ``n_heldout`` validation sequences (means over ``n_heldout`` others)
+      with its per-layer localisation, the headline one;
     - ``patching``: at every checkpoint, ``patching_effects`` on the first ``n_patch_pairs`` pairs,
       per position only at the final checkpoint unless ``positions_every_checkpoint`` (slow), and
       the ``localisation_table`` of ``PATCHING_SOURCES``;
@@ -379,7 +432,8 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
     for step, model, bridge in ckpts.bridges():
         ab = ablation_effects(bridge, rep)
         pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == final)
-        ablation_frames += [ab.assign(step=step), localisation_table(ab, ABLATION_SOURCES).assign(step=step)]
+        ablation_frames += [ab.assign(step=step), localisation_table(ab, ABLATION_SOURCES).assign(step=step),
+                            heldout_ablation(bridge, ds.val, n_heldout).assign(step=step)]
         patching_frames += [pa.assign(step=step), localisation_table(pa, PATCHING_SOURCES).assign(step=step)]
         if step == final:  # here, not after the loop: the bridge is refilled by every step
             paths = mechanism_paths(model, bridge, ds.val, rep).assign(step=final)

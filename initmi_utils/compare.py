@@ -101,7 +101,11 @@ def headline(study: Study, r1: Result, r2: Result) -> Result:
                 f"{format_ci(r.median, r.median_low, r.median_high)} ({format_level(r.median_level)})")
     mech = r2.tables.get("step_mechanism")
     if mech is not None and len(mech):
-        keep = [f for f in mech.feature.unique() if "top1_share" in f and ("zero_ablation" in f or "patching" in f)]
+        # Headline localisation: per layer, mean ablation with held-out means (the copying layer and
+        # layer 0 separately); zero ablation over all heads and patching stay as secondary columns.
+        keep = [f for f in mech.feature.unique() if "top1_share" in f and (
+            "top1_share_layer heldout_mean_ablation_logit_diff_delta" in f
+            or ("zero_ablation" in f and "_layer" not in f) or "patching" in f)]
         for r in mech[mech.feature.isin(keep)].itertuples():
             rows[r.scheme][f"{r.feature} (step-matched) [{MEAN_CI}]"] = format_ci(r.mean, r.ci_low, r.ci_high)
     counts = r2.tables.get("step_mechanism_labels")

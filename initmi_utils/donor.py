@@ -1,10 +1,14 @@
 """Training the ``seeded`` scheme's donor: a job above the registry, run before the seeded run.
 
-``initmi_utils.seeded`` embeds a trained donor and never trains one; this module trains it with
-the ordinary training loop (``train.train``), once per (donor config, init seed), under
-``checkpoints/<preset>/_donors/<donor name>/<donor scheme>/seed<k>/``, and returns the cached run
-afterwards. The pipeline runs it as a job of its own before every run of that seed that reads
-the donor (the seeded run's training, every scheme's persistence scores in notebook 03).
+``initmi_utils.seeded`` embeds a trained donor and never trains one; this module runs the donor
+policy (``seeded``'s module docstring) with the ordinary training loop (``train.train``): for a
+student seed ``k`` it trains the candidate donors ``seeded.donor_seeds(k)`` (``k``, then
+``100 (k + 1) + 1``, ``100 (k + 1) + 2``, ...) in order, each once per (donor config, donor seed)
+under ``checkpoints/<preset>/_donors/<donor name>/<donor scheme>/seed<s>/``, until one learns
+induction (else it takes the best and warns with a ``DonorWarning``), and records the choice in
+``choice-seed<k>.json`` next to them (``seeded.donor_choice_path``). A recorded choice is reused at
+once. The pipeline runs it as a job of its own before every run of that seed that reads the
+donor (the seeded run's training, every scheme's persistence scores in notebook 03).
 
     python -m initmi_utils.donor --preset quick --seed 0 [--root DIR]
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -22,9 +28,23 @@ import pandas as pd
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import ExperimentConfig, RunPaths, experiment
 from initmi_utils.data import load_dataset
+from initmi_utils.io import atomic_write_text
 from initmi_utils.model import Transformer
 from initmi_utils.offsets import model_mechanism
-from initmi_utils.seeded import DONOR, DonorConfig, donor_experiment, load_donor
+from initmi_utils.seeded import (
+    DONOR,
+    DONOR_METRIC,
+    DonorConfig,
+    DonorMissing,
+    DonorWarning,
+    donor_choice,
+    donor_choice_path,
+    donor_experiment,
+    donor_outcome,
+    donor_seeds,
+    load_donor,
+    not_emerged_message,
+)
 from initmi_utils.train import train
 
 
@@ -41,25 +61,68 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def donor_metrics(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR,
-                  progress: bool = False) -> pd.DataFrame:
-    """The donor's training metrics (long format, as ``train.train``), training it first if no
-    finished run is cached; concurrent callers wait for one another."""
-    dcfg = donor_experiment(cfg, donor)
+def train_candidate(cfg: ExperimentConfig, donor_seed: int, root: str | Path | None = None, donor: DonorConfig = DONOR,
+                    progress: bool = False) -> pd.DataFrame:
+    """The training metrics of donor seed ``donor_seed`` for ``cfg``'s run (long format, as
+    ``train.train``), training it first if no finished run is cached; concurrent callers wait."""
+    dcfg = donor_experiment(cfg, donor, donor_seed)
     with _locked(RunPaths.of(dcfg, root).checkpoints / ".lock"):
         return train(dcfg, root, progress=progress)  # returns at once when done.json exists
 
 
+def choose_donor(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR,
+                 progress: bool = False) -> dict:
+    """Run the donor policy for ``cfg``'s seed and return its choice (``seeded.donor_choice``'s
+    dict): train the candidates ``donor_seeds(seed, donor)`` in order until one's final
+    unambiguous induction accuracy reaches the emergence threshold, else choose the best (the
+    earliest on ties) and warn with a ``DonorWarning`` naming the seeds tried. The choice is
+    written atomically once; a recorded, valid one is returned without training."""
+    path = donor_choice_path(cfg, root, donor)
+    with _locked(path.with_name(f".{path.stem}.lock")):
+        try:
+            choice = donor_choice(cfg, root, donor)
+        except DonorMissing:  # not chosen yet, or stale: decide (cached candidates cost nothing)
+            candidates = []
+            for seed in donor_seeds(cfg.run.seed, donor):
+                train_candidate(cfg, seed, root, donor, progress)
+                candidates.append(donor_outcome(donor_experiment(cfg, donor, seed), root))
+                if candidates[-1]["emerged"]:
+                    break
+            emerged = [c for c in candidates if c["emerged"]]
+            accuracy = [c["final_accuracy"] if c["final_accuracy"] == c["final_accuracy"] else -1.0 for c in candidates]
+            best = emerged[0] if emerged else candidates[accuracy.index(max(accuracy))]
+            dcfg = donor_experiment(cfg, donor)
+            choice = {"preset": cfg.run.preset, "donor": donor.name(cfg.model), "donor_scheme": donor.scheme,
+                      "student_seed": cfg.run.seed, "max_tries": donor.max_tries, "metric": DONOR_METRIC,
+                      "emergence_threshold": dcfg.train.emergence_threshold, "candidates": candidates,
+                      "chosen_seed": best["seed"], "emerged": bool(emerged)}
+            atomic_write_text(path, json.dumps(choice, indent=2, sort_keys=True))
+    if not choice["emerged"]:
+        warnings.warn(not_emerged_message(choice), DonorWarning, stacklevel=2)
+    return choice
+
+
+def donor_metrics(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR,
+                  progress: bool = False) -> pd.DataFrame:
+    """The chosen donor's training metrics (long format, as ``train.train``), running the donor
+    policy first (``choose_donor``) if no choice is recorded; concurrent callers wait."""
+    choice = choose_donor(cfg, root, donor, progress)
+    return train_candidate(cfg, choice["chosen_seed"], root, donor)
+
+
 def train_donor(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR,
                 progress: bool = False) -> Transformer:
-    """The donor of ``cfg``'s run at its last step, trained first if no finished run is cached
-    (``seeded.load_donor`` warns with a ``DonorWarning`` if it never reached induction)."""
-    donor_metrics(cfg, root, donor, progress)
+    """The chosen donor of ``cfg``'s run at its last step, running the donor policy first if no
+    choice is recorded (``seeded.load_donor`` warns with a ``DonorWarning`` if none reached
+    induction)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DonorWarning)  # load_donor says it once
+        choose_donor(cfg, root, donor, progress)
     return load_donor(cfg, root, donor)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train (or reuse) one seed's donor and say what it learnt."""
+    """Run (or reuse) one seed's donor policy and say what each candidate and the chosen one learnt."""
     p = argparse.ArgumentParser(description="Train (or reuse) the donor of the `seeded` scheme for a preset and seed.")
     p.add_argument("--preset", default="quick")
     p.add_argument("--seed", type=int, default=0)
@@ -67,19 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = experiment(a.preset, "seeded", a.seed)
-        metrics = donor_metrics(cfg, a.root)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DonorWarning)  # said below, on stdout
+            choice = choose_donor(cfg, a.root)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dcfg = donor_experiment(cfg)
-    final = metrics[metrics.step == metrics.step.max()].set_index("metric").value
-    acc = final.get("val_acc_induction_unambiguous", float("nan"))
-    emerged = acc >= dcfg.train.emergence_threshold
+    threshold = choice["emergence_threshold"]
+    print(f"donor {choice['donor']} ({choice['donor_scheme']}) of seed {a.seed}, {a.preset}: candidates tried "
+          f"(at most {choice['max_tries']}), first to reach unambiguous induction accuracy {threshold} wins:")
+    for c in choice["candidates"]:
+        print(f"  seed {c['seed']}: step {c['final_step']}, accuracy {c['final_accuracy']:.3f}, "
+              + (f"emerged at step {c['emerged_at']}" if c["emerged"] else "not emerged"))
+    dcfg = donor_experiment(cfg, DONOR, choice["chosen_seed"])
     ckpts = list_checkpoints(dcfg, a.root)
     mechanism = model_mechanism(ckpts.load(ckpts.steps[-1])[0], load_dataset(dcfg, a.root).val)["label"]
-    print(f"donor {dcfg.run.name}: step {int(metrics.step.max())}, unambiguous induction accuracy {acc:.3f}, mechanism {mechanism}"
-          + ("" if emerged else f"; < {dcfg.train.emergence_threshold}: no induction circuit yet, so the seeded "
-                                f"run of seed {a.seed} starts from a partial one (DonorWarning)"))
+    chosen = next(c for c in choice["candidates"] if c["seed"] == choice["chosen_seed"])
+    tried = ", ".join(str(c["seed"]) for c in choice["candidates"])
+    print(f"chosen: donor {dcfg.run.name} (seeds tried {tried}): step {chosen['final_step']}, unambiguous induction "
+          f"accuracy {chosen['final_accuracy']:.3f}, mechanism {mechanism}"
+          + ("" if choice["emerged"] else f"; none reached {threshold}: no induction circuit, so the seeded run of "
+                                          f"seed {a.seed} starts from a partial one (DonorWarning)"))
     return 0
 
 

@@ -227,7 +227,9 @@ def needs_donor(schemes: list[str], notebooks: list[Notebook]) -> bool:
 
 @dataclass
 class DonorJob:
-    """Train (or reuse) one seed's donor in a subprocess (``python -m initmi_utils.donor``)."""
+    """Run (or reuse) one student seed's donor policy in a subprocess (``python -m initmi_utils.donor``):
+    its candidate donors in order until one learns induction, and the recorded choice
+    (``seeded.donor_choice``). Logs the command's last line (the chosen donor) or its error."""
 
     preset: str
     seed: int
@@ -239,7 +241,8 @@ class DonorJob:
         cmd = [sys.executable, "-m", "initmi_utils.donor", "--preset", self.preset, "--seed", str(self.seed),
                "--root", str(self.root)]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=NOTEBOOK_DIR.parent)
-        lines = (done.stdout + done.stderr).strip().splitlines()
+        # On success the last line of stdout names the chosen donor (stderr may end in a warning).
+        lines = (done.stdout if done.returncode == 0 else done.stdout + done.stderr).strip().splitlines()
         self.error = "" if done.returncode == 0 else (lines[-1] if lines else f"exit status {done.returncode}")
         log(f"[{'ok' if not self.error else 'failed':>6}] donor seed={self.seed} ({time.perf_counter() - start:.1f}s)"
             + (f": {lines[-1]}" if lines and not self.error else f"\n         {self.error}" if self.error else ""))

@@ -318,7 +318,9 @@ def mechanism_scalars(study: Study, matched: pd.DataFrame) -> pd.DataFrame:
     patching), the logit lens's first rank-1 layer and the induction-circuit profile."""
     parts = []
     abl = at_matched(study.table("ablation"), matched)
-    parts.append(feature_table(abl[abl.metric.str.startswith("localisation")], ["source"], prefix="ablation: "))
+    loc = abl[abl.metric.str.startswith("localisation")]
+    parts.append(feature_table(loc, ["source"], keep_layer=sorted(set(loc.metric[loc.metric.str.endswith("_layer")])),
+                               prefix="ablation: "))
     pat = at_matched(study.table("patching"), matched)
     parts.append(feature_table(pat[pat.metric.str.startswith("localisation")], ["source"], prefix="patching: "))
     ll = at_matched(study.table("logit_lens"), matched)

@@ -50,13 +50,41 @@ std(donor logits) = 0.17 % on ``val`` and 0.25 % on ``rep``, argmax agreement 99
 induction accuracy 0.971 vs the donor's 0.972, induction loss equal to 3 decimals.
 ``STEP0_LOGIT_TOLERANCE = 0.02`` is the bound ``tests/test_seeded.py`` enforces.
 
-The donor is a cached artefact: ``donor.train_donor`` trains it once per (donor config, init seed)
-under ``checkpoints/<preset>/_donors/<donor name>/<donor scheme>/seed<k>/`` (its config's
-preset is ``<preset>/_donors/<donor name>``, which ``RunPaths`` turns into that folder and no
-normal run can produce; ``read_table`` does not see its metrics) and ``load_donor`` reads it. A
-donor that ends below the induction-emergence threshold raises a ``DonorWarning``: the scheme
-then seeds a bigram model, not an induction circuit (``DonorConfig.train_steps`` lengthens the
-donor's training without touching the student's).
+The donor is a cached artefact: ``donor.train_donor`` trains it once per (donor config, donor
+init seed) under ``checkpoints/<preset>/_donors/<donor name>/<donor scheme>/seed<s>/`` (its
+config's preset is ``<preset>/_donors/<donor name>``, which ``RunPaths`` turns into that folder
+and no normal run can produce; ``read_table`` does not see its metrics) and ``load_donor`` reads
+it.
+
+The donor policy: which donor a student seed gets
+--------------------------------------------------
+A donor's loss plateau before induction depends strongly on its init seed: on the quick data the
+donors of seeds 1-3 had not learnt induction after 8000 steps. So each student seed ``k`` has a
+sequence of candidate donor seeds of its own (``donor_seeds``),
+
+    k, 100 (k + 1) + 1, 100 (k + 1) + 2, ...   (at most ``DonorConfig.max_tries``, default 4)
+
+e.g. 0, 101, 102, 103 for seed 0 and 1, 201, 202, 203 for seed 1. The first candidate is ``k``
+itself, the donor every seed had before the policy, so donors already trained stay valid; the
+others lie in ``[100 (k + 1) + 1, 100 (k + 1) + 99]``, above every student seed's first candidate
+and disjoint across student seeds: no two student seeds ``0 <= k < 100`` can share a donor
+(``donor_seeds`` refuses other seeds, ``max_tries`` is at most 100). Candidates train in order
+(each until ``steps_after_emergence`` steps after its induction emerges, capped as above) and the
+first whose final unambiguous induction accuracy (``val_acc_induction_unambiguous``) reaches
+``train.emergence_threshold`` is chosen; the rest are never trained. If none does, the one with
+the highest final accuracy (the earliest on ties) is chosen and a ``DonorWarning`` names the
+seeds tried: the scheme then seeds a bigram model or a partial circuit, not an induction circuit.
+
+The choice is recorded, once, in ``checkpoints/<preset>/_donors/<donor name>/<donor
+scheme>/choice-seed<k>.json`` (``donor_choice_path``; ``-tries<n>`` is appended to the stem when
+``max_tries`` is not the default): every candidate tried (its seed, final step, step of emergence,
+final unambiguous accuracy, whether it emerged) and the chosen seed. ``donor.choose_donor`` writes
+it atomically when the policy finishes; ``load_donor`` and ``donor_choice`` only read it (a missing
+or stale choice raises ``DonorMissing`` naming the command). The seeded run's own checkpoints do
+not repeat the donor seed (they hold the run's config and metrics, written by ``train``): this file
+is the record of which donor a seeded run embedded. ``donor_compute`` turns it into the donor's
+training cost (steps and FLOPs of the chosen donor and of every candidate tried), which the
+student's own step count leaves out.
 """
 
 from __future__ import annotations
@@ -74,12 +102,14 @@ from torch import Tensor
 
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import ConfigError, ExperimentConfig, ModelConfig, RunConfig, RunPaths
-from initmi_utils.model import Transformer
+from initmi_utils.model import Transformer, flops_per_token
 from initmi_utils.schemes import check_scheme, register_scheme
 
 SEED_NOISE_STD = 0.02  # std of the random readers (= schemes.NORMAL_STD)
 SEED_WRITE_STD = 0.002  # std of the random writers into the residual (small: they perturb the donor)
 STEP0_LOGIT_TOLERANCE = 0.02  # RMS(student - donor logits) / std(donor logits) allowed at step 0
+DONOR_SEED_BLOCK = 100  # student seed k's further donor seeds: DONOR_SEED_BLOCK * (k + 1) + j, j = 1, 2, ...
+DONOR_METRIC = "val_acc_induction_unambiguous"  # the donor's final accuracy that decides "emerged"
 
 
 @dataclass(frozen=True)
@@ -109,6 +139,7 @@ class DonorConfig:
     scheme: str = "xavier"  # the donor's own init scheme (the fastest to emerge among the students)
     train_steps: int | None = None  # donor optimizer steps (a cap); None = the preset's train.donor_steps (or train.steps)
     steps_after_emergence: int = 1000  # the donor stops this many steps after its induction emerges; -1 = never early
+    max_tries: int = 4  # candidate donor seeds tried per student seed until one emerges (``donor_seeds``)
 
     def heads(self, student: ModelConfig) -> int:
         return max(1, student.n_heads // 2) if self.n_heads is None else self.n_heads
@@ -133,6 +164,9 @@ class DonorConfig:
             problems.append("the donor cannot itself be seeded; choose a base scheme such as 'xavier'")
         if self.train_steps is not None and self.train_steps < 1:
             problems.append(f"donor train_steps={self.train_steps} must be >= 1 (or None for the student's)")
+        if not 1 <= self.max_tries <= DONOR_SEED_BLOCK:
+            problems.append(f"donor max_tries={self.max_tries} must lie in 1..{DONOR_SEED_BLOCK} "
+                            f"(a student seed's donor seeds are disjoint from the others' only so far)")
         if problems:
             raise ConfigError("invalid donor for the seeded scheme: " + "; ".join(problems) + ".")
         return dataclasses.replace(student, n_layers=self.n_layers, n_heads=n_heads, d_model=d_model, d_mlp=d_mlp)
@@ -150,19 +184,35 @@ class DonorWarning(UserWarning):
     """The donor finished training without learning induction."""
 
 
-def donor_experiment(cfg: ExperimentConfig, donor: DonorConfig = DONOR) -> ExperimentConfig:
-    """The donor's run: the student's data and train config (its length set by
-    ``donor.train_steps``, else the preset's ``train.donor_steps``, else ``train.steps``, and ended
-    ``donor.steps_after_emergence`` steps after induction emerges; its learning rate
-    ``train.donor_lr``, else ``train.lr``), the donor's model and scheme, the student's init seed, and the preset
-    ``<preset>/_donors/<donor name>`` (its own folders)."""
+def donor_experiment(cfg: ExperimentConfig, donor: DonorConfig = DONOR, donor_seed: int | None = None) -> ExperimentConfig:
+    """The run of donor seed ``donor_seed`` (default: the student's init seed): the student's data
+    and train config (its length set by ``donor.train_steps``, else the preset's
+    ``train.donor_steps``, else ``train.steps``, and ended ``donor.steps_after_emergence`` steps
+    after induction emerges; its learning rate ``train.donor_lr``, else ``train.lr``), the donor's
+    model and scheme, init seed ``donor_seed``, and the preset ``<preset>/_donors/<donor name>``
+    (its own folders, ``seed<donor_seed>`` among them)."""
     check_scheme(donor.scheme)
     preset = f"{cfg.run.preset}/_donors/{donor.name(cfg.model)}"
     steps = donor.train_steps or cfg.train.donor_steps or cfg.train.steps
     train = dataclasses.replace(cfg.train, steps=steps, donor_steps=0, lr=cfg.train.donor_lr or cfg.train.lr,
                                 stop_after_emergence=donor.steps_after_emergence)
+    seed = cfg.run.seed if donor_seed is None else donor_seed
     return ExperimentConfig(model=donor.model_config(cfg.model), data=cfg.data, train=train,
-                            run=RunConfig(scheme=donor.scheme, seed=cfg.run.seed, preset=preset))
+                            run=RunConfig(scheme=donor.scheme, seed=seed, preset=preset))
+
+
+def donor_seeds(student_seed: int, donor: DonorConfig = DONOR) -> list[int]:
+    """The donor seeds tried, in order, for student seed ``k``: ``k`` itself, then
+    ``100 (k + 1) + j`` for ``j = 1 .. donor.max_tries - 1`` (0, 101, 102, 103 for seed 0). Disjoint
+    across student seeds ``0 <= k < 100``; other student seeds are refused, since their candidates
+    could be another seed's."""
+    k, block = student_seed, DONOR_SEED_BLOCK
+    if not 0 <= k < block:
+        raise ConfigError(
+            f"the seeded scheme's donor seeds are disjoint across student seeds 0..{block - 1} only; got seed {k}.")
+    if not 1 <= donor.max_tries <= block:
+        raise ConfigError(f"donor max_tries={donor.max_tries} must lie in 1..{block}.")
+    return [k] + [block * (k + 1) + j for j in range(1, donor.max_tries)]
 
 
 class DonorMissing(ConfigError):
@@ -170,36 +220,94 @@ class DonorMissing(ConfigError):
 
 
 def donor_command(cfg: ExperimentConfig, root: str | Path | None = None) -> str:
-    """The command that trains the donor of ``cfg``'s run."""
+    """The command that runs the donor policy for ``cfg``'s seed: trains its candidate donors
+    (or reuses them) and records the choice."""
     where = "" if root is None or str(root) == "" else f" --root {root}"
     return f"python -m initmi_utils.donor --preset {cfg.run.preset} --seed {cfg.run.seed}{where}"
 
 
-def load_donor(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR) -> Transformer:
-    """The trained donor of ``cfg``'s run at its last step.
+def donor_choice_path(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR) -> Path:
+    """Where the donor policy records its choice for ``cfg``'s seed: next to the candidates'
+    folders, ``checkpoints/<preset>/_donors/<donor name>/<donor scheme>/choice-seed<k>.json``
+    (``-tries<n>`` appended to the stem when ``max_tries`` is not the default)."""
+    folder = RunPaths.of(donor_experiment(cfg, donor), root).checkpoints.parent
+    tries = "" if donor.max_tries == DonorConfig.max_tries else f"-tries{donor.max_tries}"
+    return folder / f"choice-seed{cfg.run.seed}{tries}.json"
 
-    Raises ``DonorMissing`` (naming the command that trains it) when its training has not
-    finished, and warns with a ``DonorWarning`` when it ended below the induction-emergence
-    threshold: the student is then seeded with bigram statistics, not an induction circuit.
-    """
-    dcfg = donor_experiment(cfg, donor)
-    done = RunPaths.of(dcfg, root).checkpoints / "done.json"
+
+def donor_outcome(dcfg: ExperimentConfig, root: str | Path | None = None) -> dict:
+    """One finished donor run as a candidate of the policy: ``seed``, ``final_step``, ``emerged_at``
+    (the first evaluation at or above the threshold, or None), ``final_accuracy`` (final
+    ``val_acc_induction_unambiguous``) and ``emerged`` (final accuracy >= the threshold)."""
+    done = json.loads((RunPaths.of(dcfg, root).checkpoints / "done.json").read_text())
+    final = done.get("final_metrics", {})
+    acc = float(final.get(DONOR_METRIC, final.get("val_acc_induction", float("nan"))))
+    return {"seed": dcfg.run.seed, "final_step": int(done["final_step"]), "emerged_at": done.get("emerged_at"),
+            "final_accuracy": acc, "emerged": bool(acc >= dcfg.train.emergence_threshold)}
+
+
+def donor_choice(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR) -> dict:
+    """The recorded donor choice of ``cfg``'s seed (``donor_choice_path``): ``student_seed``,
+    ``candidates`` (``donor_outcome`` of each seed tried, in order), ``chosen_seed``, ``emerged``,
+    ``max_tries``, ``emergence_threshold``, ``preset`` and ``donor`` (name and scheme).
+
+    Raises ``DonorMissing`` (naming the command) when the policy has not run, when it ran with
+    another ``max_tries``, or when the chosen donor's run is gone."""
+    path = donor_choice_path(cfg, root, donor)
+    hint = f"run the donor policy first with `{donor_command(cfg, root)}` (the pipeline does this by itself)"
+    if not path.exists():
+        raise DonorMissing(f"the donor of run {cfg.run.name} ({cfg.run.preset}) is not chosen yet ({path} missing): {hint}.")
+    choice = json.loads(path.read_text())
+    if choice.get("max_tries") != donor.max_tries:
+        raise DonorMissing(f"the donor choice {path} was made with max_tries={choice.get('max_tries')}, "
+                           f"not {donor.max_tries}: {hint}.")
+    done = RunPaths.of(donor_experiment(cfg, donor, choice["chosen_seed"]), root).checkpoints / "done.json"
     if not done.exists():
-        raise DonorMissing(
-            f"the donor of run {cfg.run.name} ({cfg.run.preset}) is not trained ({done} missing): "
-            f"train it first with `{donor_command(cfg, root)}` (the pipeline does this by itself).")
-    final = json.loads(done.read_text()).get("final_metrics", {})
-    acc = final.get("val_acc_induction_unambiguous", final.get("val_acc_induction", float("nan")))
-    if not acc >= dcfg.train.emergence_threshold:
-        warnings.warn(
-            f"the donor {dcfg.run.preset} (seed {dcfg.run.seed}) ends with induction accuracy "
-            f"{acc:.3f} < {dcfg.train.emergence_threshold}: it has no "
-            f"induction circuit, so `seeded` seeds bigram statistics only. Train it longer "
-            f"(DonorConfig(train_steps=...)) or give it more heads (DonorConfig(n_heads=...)).",
-            DonorWarning, stacklevel=2)
-    ckpts = list_checkpoints(dcfg, root)
+        raise DonorMissing(f"the chosen donor (seed {choice['chosen_seed']}) of run {cfg.run.name} ({cfg.run.preset}) "
+                           f"is not trained ({done} missing): {hint}.")
+    return choice
+
+
+def not_emerged_message(choice: dict) -> str:
+    """The ``DonorWarning`` text for a choice none of whose candidates emerged."""
+    tried = ", ".join(f"{c['seed']} ({c['final_accuracy']:.3f} at step {c['final_step']})" for c in choice["candidates"])
+    return (f"none of the donors tried for seed {choice['student_seed']} of {choice['preset']} reached unambiguous "
+            f"induction accuracy {choice['emergence_threshold']} (donor seeds {tried}): the best, seed "
+            f"{choice['chosen_seed']}, has no induction circuit, so `seeded` seeds bigram statistics or a partial "
+            f"circuit only. Train it longer (DonorConfig(train_steps=...)), try more seeds "
+            f"(DonorConfig(max_tries=...)) or give it more heads (DonorConfig(n_heads=...)).")
+
+
+def load_donor(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR) -> Transformer:
+    """The chosen donor of ``cfg``'s run (``donor_choice``) at its last step.
+
+    Raises ``DonorMissing`` (naming the command that runs the donor policy) when there is no
+    valid choice, and warns with a ``DonorWarning`` when no candidate reached the
+    induction-emergence threshold: the student is then seeded with bigram statistics or a
+    partial circuit, not an induction circuit.
+    """
+    choice = donor_choice(cfg, root, donor)
+    if not choice["emerged"]:
+        warnings.warn(not_emerged_message(choice), DonorWarning, stacklevel=2)
+    ckpts = list_checkpoints(donor_experiment(cfg, donor, choice["chosen_seed"]), root)
     model, _ = ckpts.load(ckpts.steps[-1])
     return model
+
+
+def donor_compute(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR) -> dict:
+    """What the donor of ``cfg``'s seed cost to train, which the seeded student's own steps leave
+    out: ``steps`` and ``flops`` of the chosen donor (its final step), ``total_steps`` and
+    ``total_flops`` over every candidate tried (the policy's whole cost), ``donor_seed`` and
+    ``flops_per_step``. FLOPs are training FLOPs (``model.flops_per_token``, forward + backward)
+    times ``batch_size * seq_len`` tokens per step; evaluations are not counted."""
+    choice = donor_choice(cfg, root, donor)
+    dcfg = donor_experiment(cfg, donor, choice["chosen_seed"])
+    seq_len = dcfg.data.seq_len
+    per_step = flops_per_token(dcfg.model, seq_len) * dcfg.train.batch_size * seq_len
+    steps = next(c["final_step"] for c in choice["candidates"] if c["seed"] == choice["chosen_seed"])
+    total = sum(c["final_step"] for c in choice["candidates"])
+    return {"donor_seed": choice["chosen_seed"], "steps": steps, "flops": steps * per_step,
+            "total_steps": total, "total_flops": total * per_step, "flops_per_step": per_step}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from initmi_utils.ablation import (
     ablation_effects,
+    heldout_ablation,
     localisation,
     localisation_table,
     patching_effects,
@@ -19,6 +20,7 @@ from initmi_utils.ablation import (
     path_ablation_effects,
     subset_pairs,
 )
+from initmi_utils.data import Batch
 from initmi_utils.handbuilt import handbuilt_dataset, handbuilt_experiment, induction_model
 from initmi_utils.model import to_bridge
 
@@ -199,3 +201,46 @@ def test_mechanism_paths_follow_the_deciding_head_and_are_empty_without_one(tmp_
     untrained = build_model(cfg)
     smoke = load_dataset(cfg, tmp_path)
     assert mechanism_paths(untrained, to_bridge(untrained), smoke.val, smoke.rep).empty
+
+
+def test_per_layer_localisation_under_mean_ablation_ignores_a_head_that_writes_a_constant():
+    # The built induction circuit, plus L1H0 turned into a head whose output is the same vector
+    # at every position (W_V = 0, b_V one-hot) along a direction the unembedding reads. It
+    # carries no information, so mean ablation must not charge it; zero ablation removes the
+    # constant, which shifts every logit through the final LayerNorm, and does charge it.
+    model, roles = induction_model()
+    u = model.unembed.W_U[:, 3].detach()
+    with torch.no_grad():
+        a = model.blocks[1].attn
+        a.W_V[0].zero_()
+        a.b_V[0].zero_()
+        a.b_V[0, 0] = 1.0
+        a.W_O[0].zero_()
+        a.W_O[0, 0] = 1.5 * u / u.norm()
+    ds = handbuilt_dataset(handbuilt_experiment(n_diagnostic=16))
+    table = heldout_ablation(to_bridge(model), ds.val, n_sequences=16)
+    loc = table[table.metric == "localisation_top1_share_layer"].set_index(["source", "layer"])
+    heldout = loc.loc[("heldout_mean_ablation_logit_diff_delta", roles.induction[0])]
+    zero = loc.loc[("heldout_zero_ablation_logit_diff_delta", roles.induction[0])]
+    assert heldout.value == pytest.approx(1.0, abs=1e-6) and heldout.top_head == roles.induction[1]
+    assert zero.value < 0.95  # zero ablation also charges the constant head
+    const = table[(table.layer == 1) & (table["head"] == 0)].set_index("metric").value
+    assert abs(const["heldout_mean_ablation_logit_diff_delta"]) < 1e-5
+    assert abs(const["heldout_zero_ablation_logit_diff_delta"]) > 0.1
+
+
+def test_heldout_means_come_from_other_sequences():
+    # With the reference equal to the evaluated batch the held-out ablation is today's batch-mean
+    # ablation; with other sequences the baseline differs (a sequence's own activation no longer
+    # leaks into its baseline).
+    model, _ = induction_model(noise=0.02)
+    bridge = to_bridge(model)
+    ds = handbuilt_dataset(handbuilt_experiment(n_diagnostic=16))
+    has = ds.val.target.any(1).nonzero().flatten()
+    first = Batch(ds.val.tokens[has[:8]], ds.val.target[has[:8]], ds.val.distractor[has[:8]])
+    other = Batch(ds.val.tokens[has[8:16]], ds.val.target[has[8:16]], ds.val.distractor[has[8:16]])
+    same = ablation_effects(bridge, first, kinds=("mean",), reference=first).set_index(["layer", "head", "metric"]).value
+    batch_mean = ablation_effects(bridge, first, kinds=("mean",)).set_index(["layer", "head", "metric"]).value
+    held = ablation_effects(bridge, first, kinds=("mean",), reference=other).set_index(["layer", "head", "metric"]).value
+    assert (same - batch_mean).abs().max() < 1e-6
+    assert (held - batch_mean).abs().max() > 1e-3

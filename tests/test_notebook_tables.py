@@ -117,7 +117,9 @@ def test_ablation_tables(run):
         assert sorted(df.step.unique()) == list(STEPS)
         assert all(pd.api.types.is_integer_dtype(df[c]) for c in ("ablated_layer", "ablated_head", "top_layer", "top_head")
                    if c in df)
-    assert set(ab.source.dropna()) == set(ablation.ABLATION_SOURCES)
+    assert set(ab.source.dropna()) == set(ablation.ABLATION_SOURCES) | set(ablation.HELDOUT_SOURCES)
+    per_layer = ab[ab.metric == "localisation_top1_share_layer"]
+    assert set(per_layer.layer) == {0, 1} and set(per_layer.step) == set(STEPS)  # headline: per layer, every step
     assert set(pa.source.dropna()) == set(ablation.PATCHING_SOURCES)
     # per-position patching only at the final checkpoint unless asked for every one
     assert set(pa[pa.metric == "patch_resid_pre_normalised"].step) == {FINAL}
@@ -130,7 +132,12 @@ def test_ablation_tables(run):
     rep = ablation.subset_batch(ds.rep, 8)
     model = _load(run, 5)
     direct = ablation.ablation_effects(to_bridge(model), rep)
-    _same(ab[(ab.step == 5) & ab.source.isna()], direct)
+    _same(ab[(ab.step == 5) & ab.source.isna() & ab.metric.isin(direct.metric.unique())], direct)
+    held = ablation.heldout_ablation(to_bridge(model), ds.val)
+    for col in ("ablated_layer", "ablated_head", "top_layer", "top_head"):
+        held[col] = held[col].fillna(-1).astype(int)
+    _same(ab[(ab.step == 5) & (ab.metric.str.startswith("heldout_") | ab.metric.str.endswith("_layer"))],
+          held[held.metric.str.startswith("heldout_") | held.metric.str.endswith("_layer")])
     final = _load(run, FINAL)
     _same(paths, ablation.mechanism_paths(final, to_bridge(final), ds.val, rep))
 

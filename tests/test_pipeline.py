@@ -11,7 +11,8 @@ import nbformat
 import pytest
 
 from initmi_utils.config import PRESET_SEEDS, RunPaths, experiment
-from initmi_utils.pipeline import NOTEBOOK_DIR, discover, needs_donor, plan, priority_order, schedule
+import initmi_utils.pipeline as pipeline_module
+from initmi_utils.pipeline import NOTEBOOK_DIR, DonorJob, discover, needs_donor, plan, priority_order, schedule
 from initmi_utils.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,6 +88,22 @@ def test_donors_are_scheduled_only_for_work_that_reads_them():
     assert needs_donor(["seeded"], [by_number["01"]])  # the seeded run embeds its donor
     assert needs_donor(["normal"], [by_number["03"]])  # persistence scores every run against the donor
     assert not needs_donor(["seeded"], [by_number["07"]])  # the comparison only reads tables
+
+
+def test_a_donor_job_runs_the_donor_policy_and_logs_the_chosen_donor(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        ok = "  seed 1: step 8000, accuracy 0.020, not emerged\nchosen: donor xavier-s201 (seeds tried 1, 201): step 2400"
+        return subprocess.CompletedProcess(cmd, 0, stdout=ok + "\n", stderr="UserWarning: something\n  warnings.warn(\n")
+
+    monkeypatch.setattr(pipeline_module.subprocess, "run", fake_run)
+    logged = []
+    assert DonorJob("quick", 1, tmp_path).run(logged.append)
+    assert calls[0][1:] == ["-m", "initmi_utils.donor", "--preset", "quick", "--seed", "1", "--root", str(tmp_path)]
+    assert logged[0].startswith("[    ok] donor seed=1 (") and logged[0].endswith(
+        ": chosen: donor xavier-s201 (seeds tried 1, 201): step 2400"), logged  # stdout's last line, not stderr's
 
 
 def test_a_failing_donor_is_reported_with_its_seed(tmp_path):

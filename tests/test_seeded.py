@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import warnings
 
 import pytest
 import torch
 
+import initmi_utils.donor as donor_module
 import initmi_utils.train as train_module
-from initmi_utils.donor import train_donor
+from initmi_utils.checkpoints import list_checkpoints
+from initmi_utils.donor import choose_donor, donor_metrics, train_donor
 from initmi_utils.config import ConfigError, ModelConfig, RunPaths, experiment
 from initmi_utils.data import load_dataset
-from initmi_utils.model import Transformer
+from initmi_utils.model import Transformer, flops_per_token
 from initmi_utils.schemes import SCHEMES, build_model, init_weights
 from initmi_utils.seeded import (
     DONOR,
@@ -21,7 +26,11 @@ from initmi_utils.seeded import (
     DonorConfig,
     DonorWarning,
     DonorMissing,
+    donor_choice,
+    donor_choice_path,
+    donor_compute,
     donor_experiment,
+    donor_seeds,
     embed_donor,
     load_donor,
     to_donor_basis,
@@ -162,7 +171,9 @@ def test_seeded_student_matches_its_trained_donor_and_the_donor_is_trained_once(
 
     with pytest.warns(DonorWarning, match="no induction circuit"):  # 20 steps cannot teach induction
         donor = train_donor(cfg, root)
-    assert len(trainings) == 1 and trainings[0].model == DONOR.model_config(cfg.model)
+    # none emerges, so every candidate is tried, each once
+    assert [c.run.seed for c in trainings] == donor_seeds(0) == [0, 101, 102, 103]
+    assert all(c.model == DONOR.model_config(cfg.model) for c in trainings)
     with pytest.warns(DonorWarning):
         student = build_model(cfg, root)
     batch = load_dataset(cfg, root).val
@@ -172,7 +183,7 @@ def test_seeded_student_matches_its_trained_donor_and_the_donor_is_trained_once(
     with pytest.warns(DonorWarning):
         train_donor(cfg, root)  # cached: not trained again
         again = build_model(cfg, root)
-    assert len(trainings) == 1
+    assert len(trainings) == DONOR.max_tries
     assert all(torch.equal(x, y) for x, y in zip(student.state_dict().values(), again.state_dict().values()))
     with pytest.warns(DonorWarning):
         loaded = load_donor(cfg, root)
@@ -192,3 +203,150 @@ def test_the_donor_run_lives_apart_from_the_study_runs(run):
     assert read_table("smoke", "metrics", root).empty  # the donor's metrics are not a study run's
     longer = donor_experiment(cfg, DonorConfig(train_steps=50))
     assert longer.train.steps == 50 and RunPaths.of(longer, root).checkpoints != donor_dir
+    # each candidate is a run of its own seed; the choice sits next to them, apart from the study
+    other = donor_experiment(cfg, DONOR, donor_seed=101)
+    assert other.run.seed == 101 and other.model == dcfg.model and other.train == dcfg.train
+    assert RunPaths.of(other, root).checkpoints == donor_dir.with_name("seed101")
+    assert donor_choice_path(cfg, root) == donor_dir.with_name("choice-seed0.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The donor policy: candidate donor seeds until one learns induction, and the recorded choice.
+
+
+def test_donor_seeds_start_with_the_student_seed_and_never_overlap_across_students():
+    assert donor_seeds(0) == [0, 101, 102, 103]
+    assert donor_seeds(1) == [1, 201, 202, 203]
+    assert donor_seeds(4, DonorConfig(max_tries=1)) == [4]  # the donor each seed had before the policy
+    longest = DonorConfig(max_tries=100)
+    seqs = [donor_seeds(k, longest) for k in range(100)]
+    assert all(len(set(q)) == 100 for q in seqs)
+    for a, b in itertools.combinations(seqs, 2):
+        assert not set(a) & set(b)
+    assert len(set().union(*seqs)) == 100 * 100
+    for bad in (-1, 100):
+        with pytest.raises(ConfigError, match="disjoint"):
+            donor_seeds(bad)
+    for tries in (0, 101):
+        with pytest.raises(ConfigError, match="max_tries"):
+            DonorConfig(max_tries=tries).model_config(SMOKE)
+    assert DonorConfig(max_tries=2).name(SMOKE) == DONOR.name(SMOKE)  # candidates' runs are shared
+
+
+EMERGES = 101  # in the policy fixture, the second candidate "learns induction"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """The policy run with a fake emergence: candidate 0 fails (its real accuracy after 20 steps),
+    candidate 101 "emerges" (its outcome is patched to accuracy 0.9)."""
+    root = tmp_path_factory.mktemp("policy_root")
+    cfg = experiment("smoke", "seeded", 0).replace(train={"steps": 20, "threads": 1})
+    trainings, outcomes = [], []
+    real_outcome, real_build = donor_module.donor_outcome, train_module.build_model
+
+    def outcome(dcfg, root):
+        out = real_outcome(dcfg, root)
+        if dcfg.run.seed == EMERGES:
+            out.update(final_accuracy=0.9, emerged=True, emerged_at=10)
+        outcomes.append(out)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(donor_module, "donor_outcome", outcome)
+        mp.setattr(train_module, "build_model", lambda c, r: trainings.append(c) or real_build(c, r))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DonorWarning)  # a donor emerged: no warning
+            choice = choose_donor(cfg, root)
+    return cfg, root, choice, trainings, outcomes
+
+
+def test_the_policy_stops_at_the_first_donor_that_emerges_and_records_its_choice(policy):
+    cfg, root, choice, trainings, outcomes = policy
+    assert [c.run.seed for c in trainings] == [0, EMERGES]  # candidates 102, 103 never trained
+    path = donor_choice_path(cfg, root)
+    assert path == root / "checkpoints" / "smoke" / "_donors" / DONOR.name(cfg.model) / "xavier" / "choice-seed0.json"
+    recorded = json.loads(path.read_text())
+    assert recorded == choice == donor_choice(cfg, root)
+    assert recorded["chosen_seed"] == EMERGES and recorded["emerged"] is True and recorded["student_seed"] == 0
+    assert recorded["max_tries"] == DONOR.max_tries and recorded["emergence_threshold"] == 0.8
+    assert [c["seed"] for c in recorded["candidates"]] == [0, EMERGES]
+    first, second = recorded["candidates"]
+    assert first["final_step"] == 20 and first["emerged"] is False and first["final_accuracy"] < 0.8
+    assert second == {"seed": EMERGES, "final_step": 20, "emerged_at": 10, "final_accuracy": 0.9, "emerged": True}
+    assert first == outcomes[0]
+    assert not list(path.parent.glob(".*.tmp"))  # written atomically
+    # Recorded: asking again trains nothing and reads the file, not the (now real) outcomes.
+    n = len(trainings)
+    assert choose_donor(cfg, root) == choice and len(trainings) == n
+
+
+def test_load_donor_loads_the_chosen_seed_and_reports_its_compute(policy):
+    cfg, root, choice, _, _ = policy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DonorWarning)
+        loaded = load_donor(cfg, root)
+        metrics = donor_metrics(cfg, root)
+    chosen = list_checkpoints(donor_experiment(cfg, DONOR, EMERGES), root)
+    first = list_checkpoints(donor_experiment(cfg, DONOR, 0), root)
+    want, other = chosen.load(chosen.steps[-1])[0], first.load(first.steps[-1])[0]
+    assert all(torch.equal(x, y) for x, y in zip(loaded.state_dict().values(), want.state_dict().values()))
+    assert not torch.equal(loaded.blocks[0].attn.W_Q, other.blocks[0].attn.W_Q)
+    assert metrics.step.max() == 20  # the chosen donor's metrics
+    # The seeded student embeds the chosen donor.
+    student = build_model(cfg, root)
+    batch = load_dataset(cfg, root).val
+    with torch.no_grad():
+        assert _rel_rms(student(batch.tokens), want(batch.tokens)) < STEP0_LOGIT_TOLERANCE
+
+    compute = donor_compute(cfg, root)
+    dcfg = donor_experiment(cfg, DONOR, EMERGES)
+    per_step = flops_per_token(dcfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
+    assert compute == {"donor_seed": EMERGES, "steps": 20, "flops": 20 * per_step, "total_steps": 40,
+                       "total_flops": 40 * per_step, "flops_per_step": per_step}
+
+
+def test_a_missing_choice_is_an_error_naming_the_command(policy, tmp_path):
+    cfg, root, _, _, _ = policy
+    command = r"python -m initmi_utils\.donor --preset smoke --seed 0 --root "
+    with pytest.raises(DonorMissing, match=command):
+        donor_choice(cfg, tmp_path)
+    with pytest.raises(DonorMissing, match=command):
+        donor_compute(cfg, tmp_path)
+    # The candidates are trained but no choice was recorded under another max_tries.
+    with pytest.raises(DonorMissing, match=r"choice-seed0-tries2\.json missing.*" + command):
+        load_donor(cfg, root, DonorConfig(max_tries=2))
+    # A choice whose max_tries differs from the config asking is stale.
+    stale = donor_choice_path(cfg, root, DonorConfig(max_tries=2))
+    stale.write_text(donor_choice_path(cfg, root).read_text())  # says max_tries 4
+    try:
+        with pytest.raises(DonorMissing, match="max_tries=4, not 2"):
+            load_donor(cfg, root, DonorConfig(max_tries=2))
+    finally:
+        stale.unlink()
+
+
+def test_the_cli_prints_the_candidates_and_the_choice(policy, monkeypatch, capsys):
+    cfg, root, _, _, _ = policy
+    monkeypatch.setattr(donor_module, "experiment", lambda preset, scheme, seed: cfg)  # the fixture's 20 steps
+    assert donor_module.main(["--preset", "smoke", "--seed", "0", "--root", str(root)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("  seed 0: step 20, accuracy ") and lines[1].endswith("not emerged")
+    assert lines[2] == f"  seed {EMERGES}: step 20, accuracy 0.900, emerged at step 10"
+    assert lines[-1].startswith(f"chosen: donor xavier-s{EMERGES} (seeds tried 0, {EMERGES}): step 20, ")
+    assert "DonorWarning" not in lines[-1]
+
+
+@pytest.mark.filterwarnings("ignore::initmi_utils.seeded.DonorWarning")
+def test_when_no_donor_emerges_the_best_is_chosen_with_a_warning_naming_the_seeds(run):
+    cfg, root = run
+    train_donor(cfg, root)  # 20 steps: no candidate emerges
+    choice = donor_choice(cfg, root)
+    accuracy = [c["final_accuracy"] for c in choice["candidates"]]
+    assert [c["seed"] for c in choice["candidates"]] == [0, 101, 102, 103] and not choice["emerged"]
+    assert choice["chosen_seed"] == choice["candidates"][accuracy.index(max(accuracy))]["seed"]
+    with pytest.warns(DonorWarning, match=r"donor seeds 0 \(.*\), 101 \(.*\), 102 \(.*\), 103 \(.*\)"):
+        choose_donor(cfg, root)
+    with pytest.warns(DonorWarning, match=f"the best, seed {choice['chosen_seed']}, has no induction circuit"):
+        load_donor(cfg, root)
+    assert donor_compute(cfg, root)["total_steps"] == 4 * 20
