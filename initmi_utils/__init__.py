@@ -4,15 +4,17 @@ The package is flat; the file list is the architecture, in layers (a module impo
 layers below its own; ``tests/test_layers.py`` and the import-linter contract in
 ``pyproject.toml`` enforce it):
 
-1. ``config`` (typed frozen config, presets, run paths), ``io`` (atomic writes)
+1. ``config`` (typed frozen config, presets, run paths), ``io`` (atomic writes), ``stats``
+   (intervals and tests; numpy and scipy only)
 2. ``model`` (training model, TransformerBridge view), ``data`` (synthetic task)
 3. ``schemes`` (the init-scheme registry, base schemes, mimetic)
 4. ``checkpoints`` (self-describing safetensors), ``tables`` (one long-format schema)
 5. ``seeded`` (the scheme that embeds a trained donor, loaded, never trained here)
 6. analyses: ``behavior``, ``attention``, ``offsets``, ``ablation``, ``logit_lens``,
    ``geometry``, ``circuits``, ``donor_persistence``, and ``handbuilt`` (known-answer models)
-7. ``train`` (training, evaluation, resume), ``donor`` (trains the seeded scheme's donor)
-8. ``compare``, ``report``, ``plots``
+7. ``train`` (training, the loss ladder, resume), ``donor`` (trains the seeded scheme's donor)
+8. the comparison: ``report`` and ``plots``, ``inference`` (test tables), ``study`` (loading
+   the runs), ``rq1``, ``rq2``, ``rq3`` (one per research question), ``compare``
 9. ``pipeline`` (the papermill grid runner, ``python -m initmi_utils.pipeline``)
 
 Importing the package has no side effects.
