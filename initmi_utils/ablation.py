@@ -419,7 +419,9 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
       per position only at the final checkpoint unless ``positions_every_checkpoint`` (slow), and
       the ``localisation_table`` of ``PATCHING_SOURCES``;
     - ``paths``: ``mechanism_paths`` at the final checkpoint (``val`` for the label, the same
-      ``rep`` subset for the ablations), with its ``step``; no rows when the label is ``none``.
+      ``rep`` subset for the ablations), with its ``step``; no rows when the label is ``none``;
+    - ``evidence``: ``label_evidence`` at the final checkpoint as one row (``evidence_rows``): the
+      label next to the causal criterion it must pass.
 
     ``ablated_layer``, ``ablated_head``, ``top_layer`` and ``top_head`` are -1 where they do not apply.
     Raises ``CheckpointError`` naming the training to run if the run is not trained.
@@ -428,7 +430,7 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
     ds = load_dataset(cfg, root)
     rep, pairs = subset_batch(ds.rep, n_examples), subset_pairs(ds.patch, n_patch_pairs)
     final = ckpts.steps[-1]
-    ablation_frames, patching_frames, paths = [], [], None
+    ablation_frames, patching_frames, paths, evidence = [], [], None, None
     for step, model, bridge in ckpts.bridges():
         ab = ablation_effects(bridge, rep)
         pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == final)
@@ -437,12 +439,13 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
         patching_frames += [pa.assign(step=step), localisation_table(pa, PATCHING_SOURCES).assign(step=step)]
         if step == final:  # here, not after the loop: the bridge is refilled by every step
             paths = mechanism_paths(model, bridge, ds.val, rep).assign(step=final)
+            evidence = evidence_rows(label_evidence(model, bridge, ds.val, rep)).assign(step=final)
     out = {"ablation": pd.concat(ablation_frames, ignore_index=True), "patching": pd.concat(patching_frames, ignore_index=True)}
     for df in out.values():
         for col in ("ablated_layer", "ablated_head", "top_layer", "top_head"):
             if col in df:
                 df[col] = df[col].fillna(-1).astype(int)
-    return {**out, "paths": paths}
+    return {**out, "paths": paths, "evidence": evidence}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +533,21 @@ def label_evidence(model, bridge, val: Batch, rep: Batch, n_sequences: int = 128
     return {**out, **causal_verdict(lab["attention_label"], out["ablation_drop"], path_drops, top_drop)}
 
 
+EVIDENCE_COLUMNS = ("label", "attention_label", "accuracy", "ablation_drop", "top_drop", "path_drop_q", "path_drop_k",
+                    "path_drop_v", "ablation_ok", "path_ok")
+
+
+def evidence_rows(evidence: dict) -> pd.DataFrame:
+    """``label_evidence`` as a table row: metric ``causal_ok`` (1 or 0), the deciding head in
+    layer/head (-1 without one), the rest of ``EVIDENCE_COLUMNS`` as columns (``path_ok``: 1, 0 or
+    nan for ``none``)."""
+    row = {c: evidence[c] for c in EVIDENCE_COLUMNS}
+    row["path_ok"] = math.nan if row["path_ok"] is None else float(row["path_ok"])
+    row["ablation_ok"] = float(row["ablation_ok"])
+    return pd.DataFrame([dict(row, layer=int(evidence["layer"]), head=int(evidence["head"]), metric="causal_ok",
+                              value=float(bool(evidence["causal_ok"])))])
+
+
 def agreement_table(rows) -> pd.DataFrame:
     """Label x causal evidence: per label (``REPORT_ORDER``, every label even when absent), ``n``
     checkpoints, how many the causal criterion supports (``passes``) and not (``fails``), the
@@ -542,9 +560,11 @@ def agreement_table(rows) -> pd.DataFrame:
     for label in REPORT_ORDER:
         g = df[df["label"] == label] if len(df) else df
         n = len(g)
-        passes = int((g["causal_ok"] == True).sum()) if n else 0  # noqa: E712 (path_ok may be None)
+        if n:  # label_evidence dicts carry causal_ok; table rows (``evidence_rows``) carry it as value
+            ok = g["causal_ok"] if "causal_ok" in g.columns else g["value"] == 1.0
+        passes = int((ok == True).sum()) if n else 0  # noqa: E712 (path_ok may be None)
         out.append(dict(label=label, n=n, passes=passes, fails=n - passes,
-                        ablation_fails=int((g["ablation_ok"] == False).sum()) if n else 0,  # noqa: E712
-                        path_fails=int((g["path_ok"] == False).sum()) if n else 0,  # noqa: E712
+                        ablation_fails=int((g["ablation_ok"].isin([False, 0.0])).sum()) if n else 0,
+                        path_fails=int((g["path_ok"].isin([False, 0.0])).sum()) if n else 0,
                         agreement=passes / n if n else math.nan))
     return pd.DataFrame(out).set_index("label")

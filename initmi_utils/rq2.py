@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from initmi_utils import plots
+from initmi_utils.ablation import ABLATION_MIN_DROP, PATH_MIN_SHARE, agreement_table
 from initmi_utils.behavior import emergence_table
 from initmi_utils.donor_persistence import seeded_slots
 from initmi_utils.inference import (MEAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary, format_ci,
@@ -512,6 +513,23 @@ def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, mat
         sec.note(f"{label}: no pair of runs has val losses within {eps} of each other at these checkpoints.")
 
 
+def label_agreement(study: Study, sec: Section, res: Result) -> None:
+    """Each run's final-checkpoint label against the causal criterion (table ``evidence``, written
+    by notebook 04 from ``ablation.label_evidence``): per label, how many runs pass it."""
+    ev = study.table("evidence")
+    if ev.empty:
+        return
+    table = agreement_table(ev).reset_index()
+    res.tables["label_agreement"] = table
+    res.tables["label_evidence"] = ev
+    sec.heading("Do the mechanism labels agree with causal evidence? (final checkpoints)")
+    sec.table(table, f"Label × causal evidence over runs: a label passes when mean-ablating its deciding head costs ≥ "
+                     f"{ABLATION_MIN_DROP} induction accuracy on BOS + A + A and its implied paths (classic: K; shifted "
+                     f"and recall: K and V) each carry ≥ {PATH_MIN_SHARE} of that drop; `none` passes when no layer-1 "
+                     f"head's ablation costs that much. A classic run whose previous-token signal is spread over "
+                     f"several layer-0 heads fails the path part (single-head path ablation cannot see it).")
+
+
 def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role_threshold: float = 0.4,
         similar_loss_eps: float = 0.05, ablation_metric: str = "zero_ablation_loss_delta",
         cka_sequences: int = 128, n_boot: int | None = None, n_perm: int = 10_000, seed: int = 0,
@@ -548,6 +566,7 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
         _rq2_view(study, sec, res, "step", f"Step-matched (step {step})", sm, role_threshold, similar_loss_eps,
                   ablation_metric, cka_cache, reference, n_perm, seed, alpha)
 
+    label_agreement(study, sec, res)
     ladder = study.table("ladder")
     em = emergence_table(metrics, emergence_threshold)
     targets = []

@@ -43,7 +43,7 @@ print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.st
 # %% [markdown]
 # ## Ablations and patching at every checkpoint
 #
-# `ablation.tables` also computes the table `paths` at the final checkpoint (last section).
+# `ablation.tables` also computes the tables `paths` and `evidence` at the final checkpoint (last sections).
 
 # %%
 tables = ablation_tables(cfg, root, n_examples=n_examples, n_patch_pairs=n_patch_pairs,
@@ -137,3 +137,16 @@ else:
                           f"{dst} ({acc.mechanism.iloc[0]})")
     save_figure(fig, paths.figures / "04_paths_final")
     fig.show()
+
+# %% [markdown]
+# ## Does the label pass its causal check?
+#
+# `ablation.label_evidence` at the final checkpoint (table `evidence`): the copying-mechanism label, the
+# induction-accuracy drop when its deciding head is mean-ablated (it must be ≥ 0.3), and the largest
+# single-head path drop through Q, K and V (classic needs K; shifted and recall need K and V, each ≥ 0.2 of
+# the head's drop). `causal_ok` (value) is 1 when both hold; for `none`, when no layer-1 head's ablation
+# costs 0.3.
+
+# %%
+tables["evidence"][["step", "label", "layer", "head", "accuracy", "ablation_drop", "path_drop_q", "path_drop_k",
+                    "path_drop_v", "ablation_ok", "path_ok", "value"]].round(3)

@@ -143,6 +143,18 @@ def planted_mechanism(scheme: str, seed: int, step: int) -> str:
     return "shifted_induction" if scheme == SHIFTED[0] and seed in SHIFTED[1] else "classic_induction"
 
 
+def _evidence(scheme: str, seed: int) -> pd.DataFrame:
+    """The final checkpoint's label and causal check (``ablation.evidence_rows``): the planted
+    mechanism, and every label passes except the classic runs of seed 4, planted to fail the path
+    part (a distributed previous-token signal)."""
+    m = planted_mechanism(scheme, seed, HORIZON)
+    fails = m == "classic_induction" and seed == 4
+    return pd.DataFrame([dict(step=HORIZON, layer=1 if m != "none" else -1, head=(seed + 1) % 4 if m != "none" else -1,
+                              metric="causal_ok", value=0.0 if fails else 1.0, label=m, attention_label=m, accuracy=0.9,
+                              ablation_drop=0.8, top_drop=0.8, path_drop_q=0.0, path_drop_k=0.05 if fails else 0.6,
+                              path_drop_v=0.0, ablation_ok=1.0, path_ok=0.0 if fails else 1.0)])
+
+
 def _offsets(scheme: str, seed: int) -> pd.DataFrame:
     """The per-head summary rows of ``offsets.offset_table``: the planted mechanism's head is L1H
     ((seed + 1) % 4); every other head attends nowhere near the copy."""
@@ -205,6 +217,7 @@ def make_synthetic_study(root: Path, drop: tuple[str, int] = ("kaiming", 4), tru
             write_table(_ablation(scheme, seed), cfg, "ablation", root)
             write_table(_offsets(scheme, seed), cfg, "offsets", root)
             write_table(_paths(scheme, seed), cfg, "paths", root)
+            write_table(_evidence(scheme, seed), cfg, "evidence", root)
             write_table(_behavior(scheme, seed), cfg, "behavior", root)
             if with_geometry:
                 write_table(_geometry(scheme, seed), cfg, "geometry", root)
@@ -558,3 +571,14 @@ def test_the_loss_target_is_never_the_plateau_and_every_emerged_run_is_matched_a
     targets = r2.tables["loss_target"].set_index("view").target
     assert targets["loss"] == 2.2 and targets["induction_loss"] == 1.0
     assert "induction_loss_matched" in r2.tables
+
+
+def test_the_report_shows_each_label_against_its_causal_check(study_root: Path):
+    study = C.load_study(PRESET, study_root)
+    r2 = C.rq2(study, n_perm=200, cka_sequences=0)
+    table = r2.tables["label_agreement"].set_index("label")
+    ev = study.table("evidence")
+    classic = ev[ev.label == "classic_induction"]
+    assert table.loc["classic_induction", "n"] == len(classic)
+    assert table.loc["classic_induction", "path_fails"] == (classic.seed == 4).sum() > 0
+    assert table.loc["classic_induction", "passes"] == len(classic) - (classic.seed == 4).sum()

@@ -111,8 +111,13 @@ def test_attention_tables(run):
 def test_ablation_tables(run):
     cfg, root = run
     out = ablation.tables(cfg, root, n_examples=8, n_patch_pairs=8)
-    assert set(out) == {"ablation", "patching", "paths"}
+    assert set(out) == {"ablation", "patching", "paths", "evidence"}
     ab, pa, paths = out["ablation"], out["patching"], out["paths"]
+    ev = out["evidence"]  # the final checkpoint's label and its causal check: the built classic circuit passes
+    assert len(ev) == 1 and ev.step.item() == FINAL and ev.label.item() == "classic_induction"
+    assert (ev.layer.item(), ev["head"].item()) == ROLES.induction and ev.value.item() == 1.0
+    agreement = ablation.agreement_table(ev)
+    assert agreement.loc["classic_induction", "passes"] == 1 and agreement.loc["none", "n"] == 0
     for df in (ab, pa):
         assert sorted(df.step.unique()) == list(STEPS)
         assert all(pd.api.types.is_integer_dtype(df[c]) for c in ("ablated_layer", "ablated_head", "top_layer", "top_head")
