@@ -31,7 +31,10 @@ from initmi_utils import plots
 from initmi_utils.behavior import EMERGENCE_DEFINITIONS, HEADLINE_METRIC, emergence_step, emergence_steps
 from initmi_utils.inference import (MEAN_CI, MEAN_CI_SENTENCE, MEDIAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary,
                                     format_ci, format_level, scheme_tests, summarise)
+from initmi_utils.config import experiment
+from initmi_utils.model import flops_per_token
 from initmi_utils.report import Section
+from initmi_utils.seeded import DonorMissing, donor_compute
 from initmi_utils.stats import ALPHA, emerged_fraction, median_interval, t_interval
 from initmi_utils.study import Result, Study, final_values, section_table, show_scheme_tests
 
@@ -165,6 +168,29 @@ def final_tests(metrics: pd.DataFrame, schemes: Sequence[str], reference: str = 
     return summ, omni, ref, pairs
 
 
+def compute_matched(study: Study, em: pd.DataFrame) -> pd.DataFrame:
+    """The seeded runs' emergence against total compute: the student's emergence step plus the
+    steps of its chosen donor (``seeded.donor_compute``), and the same in training FLOPs
+    (``model.flops_per_token`` x tokens; the donor's and the student's per-step FLOPs differ).
+    Rows only for seeded runs whose donor choice is on disk; ``total_steps_all_candidates`` adds
+    the donors tried and not chosen (the policy's whole cost)."""
+    rows = []
+    for r in em[em.scheme == "seeded"].itertuples(index=False):
+        cfg = experiment(study.preset, "seeded", int(r.seed))
+        try:
+            d = donor_compute(cfg, study.root)
+        except DonorMissing:
+            continue
+        student = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
+        step = r.emergence_step
+        rows.append(dict(run=r.run, seed=int(r.seed), donor_seed=d["donor_seed"], donor_steps=d["steps"],
+                         emergence_step=step, total_steps=d["steps"] + step,
+                         total_steps_all_candidates=d["total_steps"] + step,
+                         total_flops=d["flops"] + step * student, student_flops_per_step=student))
+    return pd.DataFrame(rows, columns=["run", "seed", "donor_seed", "donor_steps", "emergence_step", "total_steps",
+                                       "total_steps_all_candidates", "total_flops", "student_flops_per_step"])
+
+
 def _robustness(study: Study, sec: Section, res: Result, metrics: pd.DataFrame) -> None:
     """Emergence under every definition, the scheme order under each, and whether any two schemes
     with non-overlapping intervals swap between definitions."""
@@ -253,6 +279,13 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
                           "counted)", PAIR_NAME["logrank"] + "; z < 0: the scheme emerges later than the reference",
                           "emergence_tests_all_pairs", alpha)
         _robustness(study, sec, res, metrics)
+        cm = compute_matched(study, em)
+        if len(cm):
+            res.tables["seeded_compute"] = cm
+            sec.heading("Seeded runs against total compute")
+            sec.table(cm, "A seeded student starts from a trained donor: its emergence step plus its chosen donor's "
+                          "training steps (and all donors tried), and the same in training FLOPs. Compare "
+                          "total_steps with the other schemes' emergence steps; the FLOPs differ per step.")
 
     summ, omni, ref, pairs = final_tests(metrics, study.schemes, reference, n_perm, seed, alpha)
     if len(summ):

@@ -582,3 +582,27 @@ def test_the_report_shows_each_label_against_its_causal_check(study_root: Path):
     assert table.loc["classic_induction", "n"] == len(classic)
     assert table.loc["classic_induction", "path_fails"] == (classic.seed == 4).sum() > 0
     assert table.loc["classic_induction", "passes"] == len(classic) - (classic.seed == 4).sum()
+
+
+@pytest.mark.filterwarnings("ignore::initmi_utils.seeded.DonorWarning")
+def test_seeded_emergence_is_also_counted_with_its_donors_steps(tmp_path):
+    from types import SimpleNamespace
+
+    from initmi_utils.donor import choose_donor
+    from initmi_utils.model import flops_per_token
+    from initmi_utils.seeded import donor_choice
+
+    cfg = experiment("smoke", "seeded", 0).replace(train={"threads": 1})
+    choose_donor(cfg, tmp_path)
+    choice = donor_choice(cfg, tmp_path)
+    chosen = next(c for c in choice["candidates"] if c["seed"] == choice["chosen_seed"])
+    em = pd.DataFrame([dict(run="seeded-s0", scheme="seeded", seed=0, emergence_step=10.0),
+                       dict(run="normal-s0", scheme="normal", seed=0, emergence_step=30.0)])
+    cm = rq1_module.compute_matched(SimpleNamespace(preset="smoke", root=tmp_path), em)
+    assert list(cm.run) == ["seeded-s0"]  # only seeded runs carry a donor
+    row = cm.iloc[0]
+    assert row.donor_steps == chosen["final_step"] and row.total_steps == chosen["final_step"] + 10
+    assert row.total_steps_all_candidates == sum(c["final_step"] for c in choice["candidates"]) + 10
+    per_step = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
+    assert row.student_flops_per_step == per_step and row.total_flops > 10 * per_step
+    assert rq1_module.compute_matched(SimpleNamespace(preset="smoke", root=tmp_path / "none"), em).empty
