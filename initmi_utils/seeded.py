@@ -195,7 +195,8 @@ def donor_experiment(cfg: ExperimentConfig, donor: DonorConfig = DONOR, donor_se
     preset = f"{cfg.run.preset}/_donors/{donor.name(cfg.model)}"
     steps = donor.train_steps or cfg.train.donor_steps or cfg.train.steps
     train = dataclasses.replace(cfg.train, steps=steps, donor_steps=0, lr=cfg.train.donor_lr or cfg.train.lr,
-                                stop_after_emergence=donor.steps_after_emergence)
+                                stop_after_emergence=donor.steps_after_emergence,
+                                loss_ladder=(), induction_loss_ladder=())  # donors are never loss-matched
     seed = cfg.run.seed if donor_seed is None else donor_seed
     return ExperimentConfig(model=donor.model_config(cfg.model), data=cfg.data, train=train,
                             run=RunConfig(scheme=donor.scheme, seed=seed, preset=preset))
