@@ -13,8 +13,11 @@ last run's training while the other analyses it. Executed notebooks go to
 ``<root>/data/runs/<preset>/notebooks/``), written atomically.
 
 Up to date = skipped: after a notebook succeeds a stamp records a hash of (notebook source,
-parameters, package version, the stamps of what it depends on); a rerun with the same hash
-skips it. Editing 01 therefore reruns everything downstream of it, like ``make``.
+parameters, the source of every package module it imports, transitively, and the torch and
+transformer_lens versions, the stamps of what it depends on); a rerun with the same hash skips
+it. Editing 01 or the training code therefore reruns everything downstream of it, like ``make``;
+editing ``report.py`` reruns 07 only. Training itself refuses checkpoints written by other
+training code (``train.StaleRun``).
 
 The kernel is passed explicitly: a notebook's metadata says ``python3``, which on many machines
 resolves to a Python other than the project's venv (the venv-kernel trap). We register a
@@ -38,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from initmi_utils import __version__
 from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment, resolve_root
 from initmi_utils.io import atomic_write_text
 from initmi_utils.schemes import SCHEMES
+from initmi_utils.sources import closure_hash, notebook_imports
 import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -57,6 +60,7 @@ class PipelineError(ValueError):
 class Notebook:
     path: Path
     parameters: tuple[str, ...]
+    imports: frozenset[str] = frozenset()  # the package modules its code cells import
 
     @property
     def number(self) -> str:
@@ -74,7 +78,9 @@ def discover(notebook_dir: Path = NOTEBOOK_DIR) -> list[Notebook]:
     found = []
     for path in sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb")):
         params = papermill.inspect_notebook(str(path))
-        found.append(Notebook(path, tuple(params)))
+        cells = [c["source"] for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        cells = ["".join(c) if isinstance(c, list) else c for c in cells]
+        found.append(Notebook(path, tuple(params), frozenset(notebook_imports(cells))))
     return found
 
 
@@ -119,7 +125,12 @@ class Job:
         return self.output.with_suffix(".ok.json")
 
     def compute_key(self) -> str:
-        self.key = _hash(self.notebook.path.read_bytes(), self.parameters, __version__, [d.key for d in self.depends])
+        """The notebook's source, its parameters, the hash of the package modules it imports
+        (transitively, with the torch and transformer_lens versions: ``sources.closure_hash``) and
+        the keys of the jobs it depends on: editing an analysis module reruns the notebooks that
+        import it and what depends on them, nothing else."""
+        self.key = _hash(self.notebook.path.read_bytes(), self.parameters, closure_hash(self.notebook.imports),
+                         [d.key for d in self.depends])
         return self.key
 
     def up_to_date(self) -> bool:

@@ -50,8 +50,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 from initmi_utils.behavior import HEADLINE_METRIC, induction_scores, next_token_stats
-from initmi_utils.data import Batch
 from initmi_utils.checkpoints import (
     load_resume_state,
     save_checkpoint,
@@ -59,11 +59,11 @@ from initmi_utils.checkpoints import (
     step_path,
 )
 from initmi_utils.config import ExperimentConfig, RunPaths, TrainConfig, experiment
-from initmi_utils.data import Dataset, load_dataset
+from initmi_utils.data import Batch, Dataset, load_dataset
 from initmi_utils.io import atomic_write_text
 from initmi_utils.model import Transformer, keep_freed_memory, loss_fn, torch_threads
 from initmi_utils.schemes import build_model, check_scheme
-import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
+from initmi_utils.sources import closure_hash
 from initmi_utils.tables import table_path, write_table
 
 ADAPTIVE_DELTA = 0.1  # induction-accuracy change that triggers an extra checkpoint
@@ -206,13 +206,41 @@ def _check_same_config(found: dict, cfg: ExperimentConfig, where: Path) -> None:
         )
 
 
-def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume, or load) one run; returns its metrics in long format."""
+class StaleRun(RuntimeError):
+    """A run's checkpoints were written by other training code (its source changed)."""
+
+
+def training_source() -> str:
+    """The hash of the training closure: this module and every package module it imports
+    (model, schemes, data, …), with the torch and transformer_lens versions."""
+    return closure_hash({"initmi_utils.train"})
+
+
+def _check_same_source(found: str | None, folder: Path, reuse_stale: bool) -> None:
+    now = training_source()
+    if found == now or reuse_stale:
+        return
+    raise StaleRun(
+        f"the checkpoints in {folder} were written by other training code (training source {found or 'unrecorded'}, "
+        f"now {now}: a module train imports, torch or transformer_lens changed). Retrain: delete that folder (or "
+        f"train into another --root). Reuse them knowingly: train(..., reuse_stale=True), --reuse-stale on the "
+        f"train CLI, -p reuse_stale True with papermill, --param reuse_stale=true on the pipeline.")
+
+
+def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool = True,
+          reuse_stale: bool = False) -> pd.DataFrame:
+    """Train (or resume, or load) one run; returns its metrics in long format.
+
+    A finished or half-trained run whose training source (``training_source``) differs from the
+    current one raises ``StaleRun`` unless ``reuse_stale``: results are never served silently from
+    code that no longer exists."""
     paths = RunPaths.of(cfg, root)
     folder, table = paths.checkpoints, table_path(cfg, "metrics", root)
     done = folder / "done.json"
     if done.exists():
-        _check_same_config(json.loads(done.read_text())["config"], cfg, done)
+        info = json.loads(done.read_text())
+        _check_same_config(info["config"], cfg, done)
+        _check_same_source(info.get("source"), folder, reuse_stale)
         return pd.read_parquet(table)
 
     t = cfg.train
@@ -227,12 +255,13 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
         state = load_resume_state(folder, opt, names)
         if state is not None:
             _check_same_config(state["config"], cfg, folder / "resume.safetensors")
+            _check_same_source(state.get("source"), folder, reuse_stale)
             model.load_state_dict(load_file(str(step_path(folder, state["step"]))))
         else:
             metrics = evaluate(model, ds)
             state = {"config": cfg.to_dict(), "step": 0, "rows": _rows(0, metrics), "loss_sum": 0.0,
                      "loss_n": 0, "ckpt_acc": metrics["val_acc_induction"], "checkpoints": [0],
-                     "ladder": {name: {} for name in LADDERS}}
+                     "ladder": {name: {} for name in LADDERS}, "source": training_source()}
             losses = ladder_losses(model, ds, t)
             for name, level in _crossed(losses, _pending(state, t)):  # a run may start below a level
                 state["ladder"][name][repr(level)] = {"step": 0, "loss": losses[name]}
@@ -293,7 +322,7 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
     last = state["checkpoints"][-1]
     atomic_write_text(done, json.dumps({"config": cfg.to_dict(), "checkpoints": state["checkpoints"],
                                         "final_step": last, "emerged_at": state.get("emerged_at"),
-                                        "ladder": state.get("ladder", {}),
+                                        "ladder": state.get("ladder", {}), "source": training_source(),
                                         "final_metrics": {r["metric"]: r["value"] for r in state["rows"]
                                                           if r["step"] == last}}, indent=2, sort_keys=True))
     (folder / "resume.safetensors").unlink(missing_ok=True)
@@ -323,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="project root for checkpoints/ and data/ (default: this project)")
     p.add_argument("--config", default=None, help="a JSON file of ExperimentConfig.to_dict() (overrides the rest)")
+    p.add_argument("--reuse-stale", action="store_true",
+                   help="reuse checkpoints written by other training code instead of refusing them")
     a = p.parse_args(argv)
     try:
         if a.config:
@@ -331,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = experiment(a.preset, a.scheme, a.seed)
             check_scheme(cfg.run.scheme)
-        train(cfg, a.root)
+        train(cfg, a.root, reuse_stale=a.reuse_stale)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | ort
 seed: int = 0  # init seed; the data and the batch order are fixed by the preset's data seed
 preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
 root: str = ""  # project root for checkpoints/, data/ and figures/; empty: this project, wherever the kernel runs
+reuse_stale: bool = False  # reuse checkpoints written by other training code (they are refused otherwise)
 
 # %%
 import plotly.express as px
@@ -28,7 +29,7 @@ print(f"{cfg.run.name}: {SCHEMES[scheme].description}")
 print(f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, checkpoints at least at {checkpoint_schedule(cfg.train)}")
 
 # %%
-metrics = train(cfg, root)
+metrics = train(cfg, root, reuse_stale=reuse_stale)
 metrics.pivot_table(index="step", columns="metric", values="value").tail()
 
 # %% [markdown]

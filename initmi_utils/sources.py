@@ -1,0 +1,88 @@
+"""Which package source a result depends on: import closures and their hashes.
+
+A result is stale when the code that computed it changed. The package has no imports inside
+functions (``tests/test_layers.py``), so a module's dependencies are its module-level
+``initmi_utils`` imports, read here from the source with ``ast`` (importing would run the code,
+and a stale kernel may hold other versions of the modules). ``closure_hash`` hashes the bytes of
+every module in a closure plus the versions of torch and transformer_lens, the two libraries
+whose numerics the results depend on. Hand-written because the import-linter's graph (grimp) is a
+test dependency, and this is twenty lines of ``ast``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable
+
+PACKAGE = "initmi_utils"
+PACKAGE_DIR = Path(__file__).resolve().parent
+LIBRARIES = ("torch", "transformer-lens")
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    """``initmi_utils`` modules imported anywhere in ``tree`` (``from initmi_utils import plots``
+    counts as ``initmi_utils.plots``)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == PACKAGE}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
+            if node.module == PACKAGE:
+                found |= {f"{PACKAGE}.{a.name}" for a in node.names}
+            else:
+                found.add(node.module)
+    return found
+
+
+def _path(module: str, package_dir: Path) -> Path:
+    name = module.split(".", 1)[1] if "." in module else "__init__"
+    return package_dir / f"{name}.py"
+
+
+def module_closure(modules: Iterable[str], package_dir: Path | None = None) -> set[str]:
+    """``modules`` and every package module they import, transitively (plus the package's
+    ``__init__``, which every import runs); read from ``package_dir`` (default ``PACKAGE_DIR``)."""
+    package_dir = package_dir or PACKAGE_DIR
+    todo, seen = list(modules) + [PACKAGE], set()
+    while todo:
+        m = todo.pop()
+        path = _path(m, package_dir)
+        if m in seen or not path.exists():  # e.g. `from initmi_utils import __version__`
+            continue
+        seen.add(m)
+        todo += sorted(_imported(ast.parse(path.read_text())) - seen)
+    return seen
+
+
+def closure_hash(modules: Iterable[str], package_dir: Path | None = None) -> str:
+    """sha256 of the closure's sources (name and bytes, sorted) and the library versions."""
+    package_dir = package_dir or PACKAGE_DIR
+    h = hashlib.sha256()
+    for m in sorted(module_closure(modules, package_dir)):
+        h.update(m.encode() + b"\0" + _path(m, package_dir).read_bytes() + b"\0")
+    h.update(json.dumps({lib: _version(lib) for lib in LIBRARIES}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _version(lib: str) -> str:
+    try:
+        return metadata.version(lib)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def notebook_imports(cells: Iterable[str]) -> set[str]:
+    """The package modules a notebook's code cells import (IPython magics and shell lines are
+    dropped before parsing; a cell that still does not parse is skipped)."""
+    found = set()
+    for source in cells:
+        code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        try:
+            found |= _imported(ast.parse(code))
+        except SyntaxError:
+            continue
+    return found
