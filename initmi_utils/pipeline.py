@@ -43,13 +43,14 @@ from typing import Callable
 
 from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment, resolve_root
 from initmi_utils.io import atomic_write_text
-from initmi_utils.schemes import SCHEMES
+from initmi_utils.schemes import SCHEMES, load_scheme_modules
 from initmi_utils.sources import closure_hash, notebook_imports
 import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "initmi"
-RUN_PARAMS = ("scheme", "seed", "preset", "root", "seeds")  # set by the runner, not by --param
+POLICY_PARAMS = ("stale",)  # say how to run, not what to compute: not part of a job's key
+RUN_PARAMS = ("scheme", "seed", "preset", "root", "seeds", "scheme_modules")  # set by the runner, not by --param
 
 
 class PipelineError(ValueError):
@@ -129,7 +130,10 @@ class Job:
         (transitively, with the torch and transformer_lens versions: ``sources.closure_hash``) and
         the keys of the jobs it depends on: editing an analysis module reruns the notebooks that
         import it and what depends on them, nothing else."""
-        self.key = _hash(self.notebook.path.read_bytes(), self.parameters, closure_hash(self.notebook.imports),
+        modules = [p for p in str(self.parameters.get("scheme_modules", "")).split(",") if p]
+        result_params = {k: v for k, v in self.parameters.items() if k not in POLICY_PARAMS}
+        self.key = _hash(self.notebook.path.read_bytes(), result_params, closure_hash(self.notebook.imports),
+                         [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in modules],
                          [d.key for d in self.depends])
         return self.key
 
@@ -270,7 +274,9 @@ def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Note
             chain: list[Job] = []
             for nb in (n for n in notebooks if n.per_run):
                 params = {"scheme": scheme, "seed": seed, "preset": preset, "root": str(root)}
-                params.update({k: v for k, v in extra.items() if k in nb.parameters})
+                params.update({k: v for k, v in extra.items() if k in nb.parameters and k != "scheme_modules"})
+                if SCHEMES[scheme].source and "scheme_modules" in nb.parameters:  # a user's scheme: its file,
+                    params["scheme_modules"] = extra["scheme_modules"]  # in its runs' keys only
                 # The analyses read the first notebook's checkpoints, never each other's tables.
                 chain.append(Job(nb, paths.notebooks / nb.path.name, params, depends=chain[:1]))
             chains.append(chain)
@@ -349,12 +355,16 @@ def parse_args(argv: list[str] | None, notebooks: list[Notebook]):
     p.add_argument("--root", default=None, help="directory for every artefact (default: this project's root)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="extra notebook parameter (JSON value), passed to the notebooks that declare it")
+    p.add_argument("--scheme-module", default="", metavar="FILE[,FILE]",
+                   help="Python files that register schemes with @register_scheme; their schemes join the grid")
     p.add_argument("--force", action="store_true", help="rerun notebooks even when up to date")
     p.add_argument("--cold", action="store_true", help="a fresh kernel for every notebook (slower; for debugging)")
     a = p.parse_args(argv)
 
     if a.preset not in PRESETS:
         raise PipelineError(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}.")
+    modules = [str(Path(m).expanduser().resolve()) for m in a.scheme_module.split(",") if m.strip()]
+    load_scheme_modules(",".join(modules))  # one clear error naming the file when it is missing or raises
     schemes = [s for s in a.schemes.split(",") if s] or list(SCHEMES)
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
@@ -382,6 +392,8 @@ def parse_args(argv: list[str] | None, notebooks: list[Notebook]):
         extra[name] = _parse_value(value)
     if a.workers < 1:
         raise PipelineError("--workers must be >= 1.")
+    if modules:
+        extra["scheme_modules"] = ",".join(modules)
     return a, schemes, seeds, selected, extra
 
 

@@ -19,7 +19,10 @@ the modules that run every scheme (``train``, ``compare``, ``pipeline``) import 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math
+import os
 import re
 from pathlib import Path
 from dataclasses import dataclass
@@ -105,25 +108,75 @@ class Scheme:
     name: str
     description: str
     fn: SchemeFn
+    source: str = ""  # the user's scheme file ("" for the package's own schemes)
+    source_hash: str = ""  # sha256 (16 hex) of that file: part of the runs' training source
 
 
 SCHEMES: dict[str, Scheme] = {}
+_loading: list[tuple[str, str]] = []  # (file, hash) of the scheme module being imported
 
 
 def register_scheme(name: str, description: str) -> Callable[[SchemeFn], SchemeFn]:
-    """Register ``fn(model, cfg, generator, root)`` under ``name``; a duplicate name raises.
+    """Register ``fn(model, cfg, generator, root)`` under ``name``.
 
     ``cfg`` is the run's ``ExperimentConfig`` (may be None for schemes that need only the model);
-    ``root`` the project root, for schemes that read artefacts (a trained donor model).
+    ``root`` the project root, for schemes that read artefacts (a trained donor model). A name
+    registered twice raises, except from the same user file (``load_scheme_module`` again, e.g.
+    in a warm kernel after an edit): the new version replaces the old.
     """
+    source, source_hash = _loading[-1] if _loading else ("", "")
 
     def decorate(fn: SchemeFn) -> SchemeFn:
-        if name in SCHEMES:
-            raise ValueError(f"init scheme {name!r} is already registered.")
-        SCHEMES[name] = Scheme(name, description, fn)
+        old = SCHEMES.get(name)
+        if old is not None and not (source and old.source == source):
+            where = old.source or "initmi_utils (built in)"
+            raise ConfigError(f"init scheme {name!r} from {source or 'initmi_utils'} clashes with {name!r} from "
+                              f"{where}; choose another name.")
+        SCHEMES[name] = Scheme(name, description, fn, source, source_hash)
         return fn
 
     return decorate
+
+
+SCHEME_MODULES_ENV = "INITMI_SCHEME_MODULES"
+
+
+def load_scheme_module(path: str | Path) -> list[str]:
+    """Import a user's Python file that registers schemes with ``@register_scheme``; return the
+    names it registered. Loading the same file again re-runs it, its schemes replacing their old
+    versions (a warm kernel never runs an edited scheme's old code). A missing file or one that
+    raises is one ``ConfigError`` naming the file."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"scheme module {path} does not exist; pass the path of a .py file that calls "
+                          f"@register_scheme(name, description).")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location(f"initmi_user_schemes.{path.stem}_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    before = {n: s for n, s in SCHEMES.items()}
+    _loading.append((str(path), digest))
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's code: any error, reported with the file it came from
+        raise ConfigError(f"scheme module {path} raised {type(e).__name__} on import: {e}") from e
+    finally:
+        _loading.pop()
+    return [n for n, s in SCHEMES.items() if s.source == str(path) and before.get(n) is not s]
+
+
+def load_scheme_modules(paths: str = "") -> list[str]:
+    """``load_scheme_module`` for each of the comma-separated ``paths`` (default: the
+    ``$INITMI_SCHEME_MODULES`` environment variable, for papermill by hand); the names registered."""
+    paths = paths or os.environ.get(SCHEME_MODULES_ENV, "")
+    return [n for p in paths.split(",") if p.strip() for n in load_scheme_module(p.strip())]
+
+
+def scheme_source(name: str) -> str:
+    """The source hash of a user scheme's file ("" for the package's own schemes, whose source is
+    the package's)."""
+    return SCHEMES[name].source_hash if name in SCHEMES else ""
 
 
 def check_scheme(name: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable
@@ -54,8 +55,19 @@ def module_closure(modules: Iterable[str], package_dir: Path | None = None) -> s
         if m in seen or not path.exists():  # e.g. `from initmi_utils import __version__`
             continue
         seen.add(m)
-        todo += sorted(_imported(ast.parse(path.read_text())) - seen)
+        todo += sorted(_parse_imports(path.read_text()) - seen)
     return seen
+
+
+_PARSE = threading.Lock()
+
+
+def _parse_imports(source: str) -> set[str]:
+    """``_imported`` of a source text. One parse at a time: CPython 3.11's ``ast.parse`` can fail
+    with "AST constructor recursion depth mismatch" when threads (the pipeline's workers) parse at
+    once."""
+    with _PARSE:
+        return _imported(ast.parse(source))
 
 
 def closure_hash(modules: Iterable[str], package_dir: Path | None = None) -> str:
@@ -82,7 +94,7 @@ def notebook_imports(cells: Iterable[str]) -> set[str]:
     for source in cells:
         code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
         try:
-            found |= _imported(ast.parse(code))
+            found |= _parse_imports(code)
         except SyntaxError:
             continue
     return found

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -62,7 +63,7 @@ from initmi_utils.config import ExperimentConfig, RunPaths, TrainConfig, experim
 from initmi_utils.data import Batch, Dataset, load_dataset
 from initmi_utils.io import atomic_write_text
 from initmi_utils.model import Transformer, keep_freed_memory, loss_fn, torch_threads
-from initmi_utils.schemes import build_model, check_scheme
+from initmi_utils.schemes import build_model, check_scheme, load_scheme_modules, scheme_source
 from initmi_utils.sources import closure_hash
 from initmi_utils.tables import table_path, write_table
 
@@ -210,38 +211,52 @@ class StaleRun(RuntimeError):
     """A run's checkpoints were written by other training code (its source changed)."""
 
 
-def training_source() -> str:
+def training_source(scheme: str = "") -> str:
     """The hash of the training closure: this module and every package module it imports
-    (model, schemes, data, …), with the torch and transformer_lens versions."""
-    return closure_hash({"initmi_utils.train"})
+    (model, schemes, data, …), with the torch and transformer_lens versions; for a scheme from a
+    user's file (``schemes.load_scheme_module``), ``+`` that file's hash, so that editing it
+    retrains its runs and no others."""
+    user = scheme_source(scheme)
+    return closure_hash({"initmi_utils.train"}) + (f"+{user}" if user else "")
 
 
-def _check_same_source(found: str | None, folder: Path, reuse_stale: bool) -> None:
-    now = training_source()
-    if found == now or reuse_stale:
-        return
+STALE = ("refuse", "reuse", "retrain")  # what ``train`` does with checkpoints of other training code
+
+
+def _is_stale(found: str | None, folder: Path, stale: str, scheme: str = "") -> bool:
+    """Whether the run in ``folder`` must be retrained; raises ``StaleRun`` if it is stale and
+    ``stale`` is ``refuse``."""
+    if stale not in STALE:
+        raise ValueError(f"stale={stale!r}; choose one of {STALE}.")
+    now = training_source(scheme)
+    if found == now or stale == "reuse":
+        return False
+    if stale == "retrain":
+        return True
     raise StaleRun(
         f"the checkpoints in {folder} were written by other training code (training source {found or 'unrecorded'}, "
-        f"now {now}: a module train imports, torch or transformer_lens changed). Retrain: delete that folder (or "
-        f"train into another --root). Reuse them knowingly: train(..., reuse_stale=True), --reuse-stale on the "
-        f"train CLI, -p reuse_stale True with papermill, --param reuse_stale=true on the pipeline.")
+        f"now {now}: a module train imports, the scheme's file, torch or transformer_lens changed). Retrain them: "
+        f"train(..., stale='retrain'), --stale retrain on the train CLI, -p stale retrain with papermill, "
+        f"--param stale=retrain on the pipeline (or delete that folder). Reuse them knowingly: stale='reuse'.")
 
 
 def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool = True,
-          reuse_stale: bool = False) -> pd.DataFrame:
+          stale: str = "refuse") -> pd.DataFrame:
     """Train (or resume, or load) one run; returns its metrics in long format.
 
     A finished or half-trained run whose training source (``training_source``) differs from the
-    current one raises ``StaleRun`` unless ``reuse_stale``: results are never served silently from
-    code that no longer exists."""
+    current one is never served silently from code that no longer exists: ``stale`` says what
+    happens, ``refuse`` (``StaleRun``), ``retrain`` (its checkpoints are deleted and it trains
+    anew) or ``reuse`` (knowingly)."""
     paths = RunPaths.of(cfg, root)
     folder, table = paths.checkpoints, table_path(cfg, "metrics", root)
     done = folder / "done.json"
     if done.exists():
         info = json.loads(done.read_text())
         _check_same_config(info["config"], cfg, done)
-        _check_same_source(info.get("source"), folder, reuse_stale)
-        return pd.read_parquet(table)
+        if not _is_stale(info.get("source"), folder, stale, cfg.run.scheme):
+            return pd.read_parquet(table)
+        shutil.rmtree(folder)
 
     t = cfg.train
     keep_freed_memory()
@@ -255,13 +270,17 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
         state = load_resume_state(folder, opt, names)
         if state is not None:
             _check_same_config(state["config"], cfg, folder / "resume.safetensors")
-            _check_same_source(state.get("source"), folder, reuse_stale)
+            if _is_stale(state.get("source"), folder, stale, cfg.run.scheme):
+                shutil.rmtree(folder)
+                opt, names = _optimizer(model, t)  # fresh moments: the stale ones were loaded
+                state = None
+        if state is not None:
             model.load_state_dict(load_file(str(step_path(folder, state["step"]))))
         else:
             metrics = evaluate(model, ds)
             state = {"config": cfg.to_dict(), "step": 0, "rows": _rows(0, metrics), "loss_sum": 0.0,
                      "loss_n": 0, "ckpt_acc": metrics["val_acc_induction"], "checkpoints": [0],
-                     "ladder": {name: {} for name in LADDERS}, "source": training_source()}
+                     "ladder": {name: {} for name in LADDERS}, "source": training_source(cfg.run.scheme)}
             losses = ladder_losses(model, ds, t)
             for name, level in _crossed(losses, _pending(state, t)):  # a run may start below a level
                 state["ladder"][name][repr(level)] = {"step": 0, "loss": losses[name]}
@@ -322,7 +341,7 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
     last = state["checkpoints"][-1]
     atomic_write_text(done, json.dumps({"config": cfg.to_dict(), "checkpoints": state["checkpoints"],
                                         "final_step": last, "emerged_at": state.get("emerged_at"),
-                                        "ladder": state.get("ladder", {}), "source": training_source(),
+                                        "ladder": state.get("ladder", {}), "source": training_source(cfg.run.scheme),
                                         "final_metrics": {r["metric"]: r["value"] for r in state["rows"]
                                                           if r["step"] == last}}, indent=2, sort_keys=True))
     (folder / "resume.safetensors").unlink(missing_ok=True)
@@ -352,17 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="project root for checkpoints/ and data/ (default: this project)")
     p.add_argument("--config", default=None, help="a JSON file of ExperimentConfig.to_dict() (overrides the rest)")
-    p.add_argument("--reuse-stale", action="store_true",
-                   help="reuse checkpoints written by other training code instead of refusing them")
+    p.add_argument("--scheme-module", default="",
+                   help="comma-separated .py files that register schemes (@register_scheme)")
+    p.add_argument("--stale", default="refuse", choices=STALE,
+                   help="checkpoints written by other training code: refuse them (default), retrain, or reuse")
     a = p.parse_args(argv)
     try:
+        load_scheme_modules(a.scheme_module)
         if a.config:
             cfg = ExperimentConfig.from_dict(json.loads(Path(a.config).read_text()))
             check_scheme(cfg.run.scheme)
         else:
             cfg = experiment(a.preset, a.scheme, a.seed)
             check_scheme(cfg.run.scheme)
-        train(cfg, a.root, reuse_stale=a.reuse_stale)
+        train(cfg, a.root, stale=a.stale)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

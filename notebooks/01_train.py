@@ -13,23 +13,25 @@ scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | ort
 seed: int = 0  # init seed; the data and the batch order are fixed by the preset's data seed
 preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
 root: str = ""  # project root for checkpoints/, data/ and figures/; empty: this project, wherever the kernel runs
-reuse_stale: bool = False  # reuse checkpoints written by other training code (they are refused otherwise)
+stale: str = "refuse"  # checkpoints written by other training code: refuse | retrain | reuse
+scheme_modules: str = ""  # comma-separated .py files that register schemes; empty: none, or the INITMI_SCHEME_MODULES variable
 
 # %%
 import plotly.express as px
 
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.plots import save_figure
-from initmi_utils.schemes import SCHEMES
+from initmi_utils.schemes import SCHEMES, load_scheme_modules
 from initmi_utils.train import checkpoint_schedule, train
 
+load_scheme_modules(scheme_modules)  # a user's own schemes, if any
 cfg = experiment(preset, scheme, seed)
 paths = RunPaths.of(cfg, root)
 print(f"{cfg.run.name}: {SCHEMES[scheme].description}")
 print(f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, checkpoints at least at {checkpoint_schedule(cfg.train)}")
 
 # %%
-metrics = train(cfg, root, reuse_stale=reuse_stale)
+metrics = train(cfg, root, stale=stale)
 metrics.pivot_table(index="step", columns="metric", values="value").tail()
 
 # %% [markdown]

@@ -24,6 +24,7 @@ root: str = ""  # project root for checkpoints/, data/ and figures/; empty: this
 n_sequences: int = 64  # validation sequences for the activation metrics (norms, entropy, head similarity)
 null_models: int = 8  # fresh inits of this scheme forming the composition-score null
 store_singular_values: bool = True  # also store every singular value (metric singular_value), not only summaries
+scheme_modules: str = ""  # comma-separated .py files that register schemes; empty: none, or the INITMI_SCHEME_MODULES variable
 
 # %%
 import numpy as np
@@ -35,8 +36,10 @@ from initmi_utils.circuits import composition_null
 from initmi_utils.circuits import tables as geometry_circuits_tables
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.plots import panel_lines, save_figure
+from initmi_utils.schemes import load_scheme_modules
 from initmi_utils.tables import write_table
 
+load_scheme_modules(scheme_modules)  # the composition null draws fresh inits of this scheme
 cfg = experiment(preset, scheme, seed)
 ckpts = list_checkpoints(cfg, root)  # raises, naming the training to run, if the run is not trained
 paths = RunPaths.of(cfg, root)

@@ -21,19 +21,22 @@
 preset: str = "quick"  # smoke | quick | full: which preset's runs to compare
 root: str = ""  # project root: reads its data/ and checkpoints/, writes figures/; empty: this project
 seeds: list = []  # init seeds the grid ran (the pipeline passes its --seeds); empty means the preset's
-emergence_threshold: float = 0.8  # val_acc_induction that counts as "induction has emerged"
+emergence_threshold: float = 0.8  # induction accuracy on unambiguous targets that counts as emerged
 match_step: int = -1  # step-matched view at this step; -1 means the last step every run has analysed
 loss_match_target: float = 0.0  # val-loss ladder level of the loss-matched view; 0 means automatic (the lowest level every emerged run reaches)
 role_threshold: float = 0.4  # attention score a head needs to get a role (induction, prev_token, duplicate, bos)
 similar_loss_eps: float = 0.05  # runs whose matched val losses differ by less than this are "similar loss"
 early_fraction: float = 0.1  # early geometry: the checkpoint nearest this fraction of training
 cka_sequences: int = 128  # validation sequences for residual-stream CKA (0 skips CKA)
-n_boot: int = 10000  # bootstrap resamples for confidence intervals
+n_boot: int = 10000  # unused (intervals are t- and order-statistic intervals); kept for old calls
 n_perm: int = 10000  # permutations for tests (exact enumeration when there are fewer relabellings)
+scheme_modules: str = ""  # comma-separated .py files that register schemes; empty: none, or the INITMI_SCHEME_MODULES variable
 
 # %%
 from initmi_utils import compare
+from initmi_utils.schemes import load_scheme_modules
 
+load_scheme_modules(scheme_modules)  # a user's schemes join the expected grid
 study = compare.load_study(preset, root, seeds)
 overview = compare.overview(study)
 overview.section.show()

@@ -62,8 +62,11 @@ def test_a_run_trained_by_other_training_code_is_refused_unless_reused_knowingly
     cfg = experiment("smoke", "normal", 0).replace(train={"steps": 10, "threads": 1})
     first = train(cfg, tmp_path, progress=False)
     done = RunPaths.of(cfg, tmp_path).checkpoints / "done.json"
-    assert json.loads(done.read_text())["source"] == train_module.training_source()
-    monkeypatch.setattr(train_module, "training_source", lambda: "edited0000000000")
-    with pytest.raises(StaleRun, match=r"other training code.*delete that folder.*reuse_stale"):
+    assert json.loads(done.read_text())["source"] == train_module.training_source("normal")
+    monkeypatch.setattr(train_module, "training_source", lambda scheme="": "edited0000000000")
+    with pytest.raises(StaleRun, match=r"other training code.*stale=retrain.*stale='reuse'"):
         train(cfg, tmp_path, progress=False)
-    assert train(cfg, tmp_path, progress=False, reuse_stale=True).equals(first)
+    assert train(cfg, tmp_path, progress=False, stale="reuse").equals(first)
+    again = train(cfg, tmp_path, progress=False, stale="retrain")  # deleted and trained anew: same bytes
+    assert again.equals(first)
+    assert json.loads(done.read_text())["source"] == "edited0000000000"
