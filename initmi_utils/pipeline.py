@@ -44,7 +44,7 @@ from typing import Callable
 from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment, resolve_root
 from initmi_utils.io import atomic_write_text
 from initmi_utils.schemes import SCHEMES, load_scheme_modules
-from initmi_utils.sources import closure_hash, notebook_imports
+from initmi_utils.sources import closure_hash, notebook_imports, package_hash
 import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -147,15 +147,21 @@ class WarmKernel:
     Starting a kernel and importing torch + transformer_lens costs seconds per notebook; a grid
     of 7 notebooks x 35 runs would spend most of its overhead there. ``%reset -f`` empties the
     user namespace (no state leaks from one notebook into the next) while the imported modules
-    stay loaded. A kernel that died or failed a notebook is replaced by a fresh one.
+    stay loaded. A kernel that died or failed a notebook is replaced by a fresh one, and so is one
+    started before the package's source changed (``sources.package_hash``): a warm kernel never
+    runs code that has since been edited.
     """
 
     def __init__(self, kernel_name: str, cwd: Path):
-        self.kernel_name, self.cwd, self.km = kernel_name, cwd, None
+        self.kernel_name, self.cwd, self.km, self.source = kernel_name, cwd, None, None
 
     def get(self):
         from jupyter_client.manager import KernelManager
 
+        source = package_hash()
+        if self.km is not None and self.source != source:  # it holds code that has since been edited
+            self.discard()
+        self.source = source
         if self.km is None or not self.km.is_alive():
             self.km = KernelManager(kernel_name=self.kernel_name)
             self.km.start_kernel(cwd=str(self.cwd))

@@ -80,6 +80,12 @@ def closure_hash(modules: Iterable[str], package_dir: Path | None = None) -> str
     return h.hexdigest()[:16]
 
 
+def package_hash(package_dir: Path | None = None) -> str:
+    """``closure_hash`` of every module of the package: what a long-lived kernel has imported."""
+    package_dir = package_dir or PACKAGE_DIR
+    return closure_hash({f"{PACKAGE}.{p.stem}" for p in package_dir.glob("*.py") if p.stem != "__init__"}, package_dir)
+
+
 def _version(lib: str) -> str:
     try:
         return metadata.version(lib)

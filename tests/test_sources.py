@@ -70,3 +70,43 @@ def test_a_run_trained_by_other_training_code_is_refused_unless_reused_knowingly
     again = train(cfg, tmp_path, progress=False, stale="retrain")  # deleted and trained anew: same bytes
     assert again.equals(first)
     assert json.loads(done.read_text())["source"] == "edited0000000000"
+
+
+def test_a_warm_kernel_started_before_an_edit_is_replaced(package_copy, monkeypatch):
+    import initmi_utils.pipeline as pipeline
+
+    class FakeKernel:
+        alive = True
+
+        def is_alive(self):
+            return self.alive
+
+        def shutdown_kernel(self, now=False):
+            self.alive = False
+
+    started = []
+    monkeypatch.setattr(pipeline.WarmKernel, "_run", lambda self, code: None)
+
+    class FakeManager:
+        def __init__(self, kernel_name):
+            started.append(self)
+            self.km = FakeKernel()
+
+        def start_kernel(self, cwd):
+            pass
+
+        def is_alive(self):
+            return self.km.alive
+
+        def shutdown_kernel(self, now=False):
+            self.km.alive = False
+
+        def client(self):
+            raise AssertionError("a kernel of edited code must not be reused")
+
+    monkeypatch.setattr("jupyter_client.manager.KernelManager", FakeManager)
+    warm = pipeline.WarmKernel("initmi", package_copy)
+    first = warm.get()
+    _edit(package_copy, "report")
+    second = warm.get()
+    assert len(started) == 2 and first is not second and not first.is_alive()
