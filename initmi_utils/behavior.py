@@ -227,6 +227,14 @@ def emergence_steps(metrics: pd.DataFrame, horizon: float | None = None) -> dict
     return out
 
 
+def evaluation_grid(metrics: pd.DataFrame, eval_every: int) -> pd.DataFrame:
+    """The rows of a training-metrics table on the regular evaluation grid (``step % eval_every
+    == 0``), the steps every run of a preset is evaluated at. Training also evaluates a run at its
+    own loss-ladder steps; emergence read there would be finer for some runs than for others, so
+    every emergence definition reads the common grid."""
+    return metrics[metrics.step % eval_every == 0]
+
+
 def emergence_table(metrics: pd.DataFrame, threshold: float = 0.8, metric: str = HEADLINE_METRIC) -> pd.DataFrame:
     """One row per run: its emergence step (``nan`` = never) and whether it emerged."""
     rows = []
@@ -378,4 +386,5 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, emergence_thre
             model, _ = checkpoints.load(step)
             rows.append(behavior_table(model(ds.val.tokens), ds.val, model(ds.rep.tokens), ds.rep, cfg.data.rep_len, step))
     metrics = pd.read_parquet(table_path(cfg, "metrics", root))
-    return {"behavior": pd.concat(rows + [emergence_rows(metrics, emergence_threshold)], ignore_index=True)}
+    grid = evaluation_grid(metrics, cfg.train.eval_every)
+    return {"behavior": pd.concat(rows + [emergence_rows(grid, emergence_threshold)], ignore_index=True)}

@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 
 from initmi_utils import plots
-from initmi_utils.behavior import EMERGENCE_DEFINITIONS, HEADLINE_METRIC, emergence_step, emergence_steps
+from initmi_utils.behavior import (EMERGENCE_DEFINITIONS, HEADLINE_METRIC, emergence_step, emergence_steps,
+                                   evaluation_grid)
 from initmi_utils.inference import (MEAN_CI, MEAN_CI_SENTENCE, MEDIAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary,
                                     format_ci, format_level, scheme_tests, summarise)
-from initmi_utils.config import experiment
+from initmi_utils.config import PRESETS, experiment
 from initmi_utils.model import flops_per_token
 from initmi_utils.report import Section
 from initmi_utils.seeded import DonorMissing, donor_compute
@@ -234,7 +235,8 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
                     f"that step; legend gives n seeds.")
 
     if (metrics.metric == HEADLINE_METRIC).any():
-        em = emergence(metrics, emergence_threshold, study.horizon)
+        grid = evaluation_grid(metrics, PRESETS[study.preset].train.eval_every)  # every run's evaluation steps
+        em = emergence(grid, emergence_threshold, study.horizon)
         summ = emergence_summary(em, study.schemes)
         surv = survival_curves(em, study.horizon, study.schemes)
         # A seeded run starts from a trained donor: its student steps are not comparable, so it
@@ -278,7 +280,7 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
         show_scheme_tests(sec, omni, tests, "Emergence step (seeded runs excluded: their donor's steps are not "
                           "counted)", PAIR_NAME["logrank"] + "; z < 0: the scheme emerges later than the reference",
                           "emergence_tests_all_pairs", alpha)
-        _robustness(study, sec, res, metrics)
+        _robustness(study, sec, res, grid)
         cm = compute_matched(study, em)
         if len(cm):
             res.tables["seeded_compute"] = cm

@@ -32,7 +32,8 @@ import pandas as pd
 
 from initmi_utils import plots
 from initmi_utils.ablation import ABLATION_MIN_DROP, PATH_MIN_SHARE, agreement_table
-from initmi_utils.behavior import emergence_table
+from initmi_utils.behavior import emergence_table, evaluation_grid
+from initmi_utils.config import PRESETS
 from initmi_utils.donor_persistence import seeded_slots
 from initmi_utils.inference import (MEAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary, format_ci,
                                     scheme_tests, summarise)
@@ -568,7 +569,7 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
 
     label_agreement(study, sec, res)
     ladder = study.table("ladder")
-    em = emergence_table(metrics, emergence_threshold)
+    em = emergence_table(evaluation_grid(metrics, PRESETS[study.preset].train.eval_every), emergence_threshold)
     targets = []
     if ladder.empty:
         sec.note("No loss-ladder checkpoints (table `ladder`, written by training): the loss-matched views need "

@@ -30,6 +30,7 @@ from initmi_utils.behavior import (
     loss_by_position,
     next_token_stats,
     unambiguous_targets,
+    evaluation_grid,
     sigmoid_midpoint,
     emergence_steps,
     EMERGENCE_DEFINITIONS,
@@ -308,3 +309,14 @@ def test_emergence_definitions_differ_where_ambiguous_targets_hold_all_target_ac
     assert math.isnan(em["all targets ≥ 0.8"])
     assert 400 < em["sigmoid midpoint"] <= 500  # between the last low and the first high evaluation
     assert list(EMERGENCE_DEFINITIONS)[0] == "unambiguous ≥ 0.8"  # the headline definition
+
+
+def test_emergence_reads_the_evaluation_grid_every_run_shares():
+    # A ladder evaluation at step 1037 (this run's own) must not make it emerge earlier than a run
+    # evaluated only on the grid of 50.
+    rows = [dict(step=s, metric="val_acc_induction_unambiguous", value=0.1) for s in range(0, 1001, 50)]
+    rows += [dict(step=1037, metric="val_acc_induction_unambiguous", value=0.85),
+             dict(step=1050, metric="val_acc_induction_unambiguous", value=0.9)]
+    m = pd.DataFrame(rows)
+    assert emergence_rows(m).value.item() == 1037
+    assert emergence_rows(evaluation_grid(m, 50)).value.item() == 1050

@@ -37,8 +37,9 @@ def run(tmp_path_factory):
 
     The scheme is ``normal`` so that ``circuits.tables`` can draw its composition null."""
     root = tmp_path_factory.mktemp("run")
-    cfg = dataclasses.replace(handbuilt_experiment(attn_only=False, n_diagnostic=16),
-                              run=RunConfig(scheme="normal", seed=0, preset="handbuilt"))
+    base = handbuilt_experiment(attn_only=False, n_diagnostic=16)
+    cfg = dataclasses.replace(base, run=RunConfig(scheme="normal", seed=0, preset="handbuilt"),
+                              train=dataclasses.replace(base.train, eval_every=1))  # every step evaluated
     folder = RunPaths.of(cfg, root).checkpoints
     models = {0: induction_model(attn_only=False, noise=1.0, seed=1)[0],
               5: induction_model(attn_only=False, noise=0.3, seed=2)[0],
