@@ -138,7 +138,7 @@ def test_unknown_scheme_lists_the_supported_ones():
 
 
 def test_registry_refuses_duplicates_and_catches_forgotten_parameters():
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="init scheme .normal. from initmi_utils clashes with .normal. from initmi_utils"):
         register_scheme("normal", "again")(lambda *a: None)
     register_scheme("_forgetful", "writes nothing")(lambda model, cfg, g, root: None)
     try:
