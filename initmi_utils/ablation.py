@@ -337,7 +337,7 @@ PATH_INPUTS = ("q", "k", "v")
 
 
 def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
-                          inputs: tuple[str, ...] = PATH_INPUTS) -> pd.DataFrame:
+                          inputs: tuple[str, ...] = PATH_INPUTS, groups: bool = False) -> pd.DataFrame:
     """Which input of head ``dst`` = (layer, head) each earlier head reaches it through.
 
     For every head (l, h) of an earlier layer and every input ``c`` in ``inputs``, (l, h)'s output
@@ -348,6 +348,9 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
     targets). The hand-built induction head loses its accuracy through K only (its previous-token
     head sets the key); a large V drop means the copied token is read from an earlier head's
     output (shifted induction, long-offset recall, and some classic runs: README).
+
+    ``groups``: also every earlier layer's heads *together* (rows with ``head = -1``): a
+    previous-token signal spread over several layer-0 heads is invisible head by head.
 
     Why by hand: TransformerLens 4.x's native bridge (``AttentionBridge``) has no split Q/K/V
     input hooks (``set_use_split_qkv_input`` raises ``NotImplementedError``), so ``dst``'s q, k or
@@ -368,8 +371,11 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
         clean = next_token_stats(logits, batch)
         resid = cache[resid_name]
         for layer in range(dst_layer):
-            for head in range(model.cfg.n_heads):
-                out = cache[z_name(layer)][:, :, head] @ model.blocks[layer].attn.W_O[head]  # [batch pos d_model]
+            z, W_O = cache[z_name(layer)], model.blocks[layer].attn.W_O
+            sources = [(h, z[:, :, h] @ W_O[h]) for h in range(model.cfg.n_heads)]  # [batch pos d_model] each
+            if groups:
+                sources.append((-1, sum(out for _, out in sources)))
+            for head, out in sources:
                 x = block.ln1(resid - out + out.mean(0))
                 for c in inputs:
                     W, b = getattr(block.attn, f"W_{c.upper()}")[dst_head], getattr(block.attn, f"b_{c.upper()}")[dst_head]
@@ -465,8 +471,9 @@ def causal_verdict(mechanism: str, head_drop: float, path_drops: dict[str, float
       drop it by 0.89 (shifted, full seed 1) to ~1 (hand-built classic, quick recall students);
       a head whose removal costs less than 0.3 is not how the model copies, whatever it attends to.
     - ``path_ok``: the layer-0 -> deciding-head paths are the ones the label implies. ``path_drops``
-      holds, per input ``q``/``k``/``v``, the largest accuracy drop when *one* earlier head is
-      removed from that input alone (``path_ablation_effects``). Each implied path must carry >=
+      holds, per input ``q``/``k``/``v``, the largest accuracy drop when one earlier head, or one
+      earlier layer's heads together, are removed from that input alone (``path_ablation_effects``
+      with ``groups``: ``label_evidence``). Each implied path must carry >=
       ``PATH_MIN_SHARE`` (0.2) of the head's drop (of at least ``ABLATION_MIN_DROP``, so a
       noise-level path never counts). classic: K (the previous-token head sets the key) and K >= V
       (the copied token is the key position's own); shifted and recall: K *and* V (the token to
@@ -479,9 +486,9 @@ def causal_verdict(mechanism: str, head_drop: float, path_drops: dict[str, float
       ``path_ok`` is ``None`` (nothing to check).
 
     ``causal_ok`` = ``ablation_ok`` and ``path_ok`` (for ``none``: ``ablation_ok``). ``nan`` drops
-    never pass. Known limit: a classic run that spreads its previous-token signal over several
-    layer-0 heads (full seed 1: normal, xavier, orthogonal; no single path > 0.08) fails
-    ``path_ok`` although it is classic: single-head path ablation cannot see a distributed K path.
+    never pass. The group paths are there because a classic run may spread its previous-token
+    signal over several layer-0 heads (quick seed 0: normal, xavier, orthogonal and seeded; no
+    single K path above 0.09): head by head, no path carries it.
     """
     if mechanism == "none":
         ok = bool(top_drop < ABLATION_MIN_DROP)  # nan: False
@@ -523,11 +530,12 @@ def label_evidence(model, bridge, val: Batch, rep: Batch, n_sequences: int = 128
                ablation_drop=drops.get(dst, math.nan), top_layer=top_layer, top_head=top_head, top_drop=top_drop)
     path_drops: dict[str, float] = {}
     if dst[0] >= 1:
-        paths = path_ablation_effects(model, bridge, rep, dst)
+        paths = path_ablation_effects(model, bridge, rep, dst, groups=True)
         for c in PATH_INPUTS:
             worst = paths[paths.metric == f"path_{c}_acc_delta"].nsmallest(1, "value").iloc[0]
             path_drops[c] = 0.0 - float(worst.value)
-            out[f"path_via_{c}"] = f"L{int(worst.layer)}H{int(worst['head'])}"
+            head = int(worst["head"])
+            out[f"path_via_{c}"] = f"L{int(worst.layer)}" + (f"H{head}" if head >= 0 else " (all heads)")
     out.update({f"path_drop_{c}": path_drops.get(c, math.nan) for c in PATH_INPUTS})
     out.update({f"path_via_{c}": out.get(f"path_via_{c}", "") for c in PATH_INPUTS})
     return {**out, **causal_verdict(lab["attention_label"], out["ablation_drop"], path_drops, top_drop)}
