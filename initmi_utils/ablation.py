@@ -337,7 +337,8 @@ PATH_INPUTS = ("q", "k", "v")
 
 
 def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
-                          inputs: tuple[str, ...] = PATH_INPUTS, groups: bool = False) -> pd.DataFrame:
+                          inputs: tuple[str, ...] = PATH_INPUTS, groups: bool = False,
+                          through_mlp: bool = False) -> pd.DataFrame:
     """Which input of head ``dst`` = (layer, head) each earlier head reaches it through.
 
     For every head (l, h) of an earlier layer and every input ``c`` in ``inputs``, (l, h)'s output
@@ -351,6 +352,9 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
 
     ``groups``: also every earlier layer's heads *together* (rows with ``head = -1``): a
     previous-token signal spread over several layer-0 heads is invisible head by head.
+    ``through_mlp``: for heads of the layer just below ``dst``, the ablated stream also goes
+    through that layer's MLP (recomputed from it), so the path includes head -> MLP -> ``dst``: a
+    trained model can pass the previous token to the key through MLP0 rather than directly.
 
     Why by hand: TransformerLens 4.x's native bridge (``AttentionBridge``) has no split Q/K/V
     input hooks (``set_use_split_qkv_input`` raises ``NotImplementedError``), so ``dst``'s q, k or
@@ -365,9 +369,12 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
     if not 1 <= dst_layer < model.cfg.n_layers or not 0 <= dst_head < model.cfg.n_heads:
         raise ValueError(f"dst={dst} must be a head of layer 1..{model.cfg.n_layers - 1} (an earlier layer must exist).")
     tokens, block, rows = batch.tokens, model.blocks[dst_layer], []
-    resid_name = get_act_name("resid_pre", dst_layer)
+    resid_name, mid_name = get_act_name("resid_pre", dst_layer), get_act_name("resid_mid", dst_layer - 1)
+    source_block = model.blocks[dst_layer - 1]
+    through_mlp = through_mlp and hasattr(source_block, "mlp")
     with torch.no_grad():
-        logits, cache = bridge.run_with_cache(tokens, names_filter=[resid_name] + [z_name(l) for l in range(dst_layer)])
+        logits, cache = bridge.run_with_cache(
+            tokens, names_filter=[resid_name] + [z_name(l) for l in range(dst_layer)] + ([mid_name] if through_mlp else []))
         clean = next_token_stats(logits, batch)
         resid = cache[resid_name]
         for layer in range(dst_layer):
@@ -376,7 +383,11 @@ def path_ablation_effects(model, bridge, batch: Batch, dst: tuple[int, int],
             if groups:
                 sources.append((-1, sum(out for _, out in sources)))
             for head, out in sources:
-                x = block.ln1(resid - out + out.mean(0))
+                if through_mlp and layer == dst_layer - 1:
+                    mid = cache[mid_name] - out + out.mean(0)
+                    x = block.ln1(mid + source_block.mlp(source_block.ln2(mid)))
+                else:
+                    x = block.ln1(resid - out + out.mean(0))
                 for c in inputs:
                     W, b = getattr(block.attn, f"W_{c.upper()}")[dst_head], getattr(block.attn, f"b_{c.upper()}")[dst_head]
                     new = x @ W + b
@@ -472,8 +483,9 @@ def causal_verdict(mechanism: str, head_drop: float, path_drops: dict[str, float
       a head whose removal costs less than 0.3 is not how the model copies, whatever it attends to.
     - ``path_ok``: the layer-0 -> deciding-head paths are the ones the label implies. ``path_drops``
       holds, per input ``q``/``k``/``v``, the largest accuracy drop when one earlier head, or one
-      earlier layer's heads together, are removed from that input alone (``path_ablation_effects``
-      with ``groups``: ``label_evidence``). Each implied path must carry >=
+      earlier layer's heads together, are removed from that input alone, directly and through the
+      MLP of their layer (``path_ablation_effects`` with ``groups`` and ``through_mlp``:
+      ``label_evidence``). Each implied path must carry >=
       ``PATH_MIN_SHARE`` (0.2) of the head's drop (of at least ``ABLATION_MIN_DROP``, so a
       noise-level path never counts). classic: K (the previous-token head sets the key) and K >= V
       (the copied token is the key position's own); shifted and recall: K *and* V (the token to
@@ -530,7 +542,7 @@ def label_evidence(model, bridge, val: Batch, rep: Batch, n_sequences: int = 128
                ablation_drop=drops.get(dst, math.nan), top_layer=top_layer, top_head=top_head, top_drop=top_drop)
     path_drops: dict[str, float] = {}
     if dst[0] >= 1:
-        paths = path_ablation_effects(model, bridge, rep, dst, groups=True)
+        paths = path_ablation_effects(model, bridge, rep, dst, groups=True, through_mlp=True)
         for c in PATH_INPUTS:
             worst = paths[paths.metric == f"path_{c}_acc_delta"].nsmallest(1, "value").iloc[0]
             path_drops[c] = 0.0 - float(worst.value)

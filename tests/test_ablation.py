@@ -244,3 +244,24 @@ def test_heldout_means_come_from_other_sequences():
     held = ablation_effects(bridge, first, kinds=("mean",), reference=other).set_index(["layer", "head", "metric"]).value
     assert (same - batch_mean).abs().max() < 1e-6
     assert (held - batch_mean).abs().max() > 1e-3
+
+
+def test_paths_through_the_mlp_equal_direct_paths_when_the_mlp_writes_nothing():
+    # The hand-built model with MLPs has all-zero MLP weights: through its MLP, the ablated
+    # stream changes nothing more, so the two path measures agree; group rows (head -1) are the
+    # whole layer at once, and remove the previous-token signal as the single head does.
+    model, roles = induction_model(attn_only=False)
+    bridge = to_bridge(model)
+    ds = handbuilt_dataset(handbuilt_experiment(attn_only=False, n_diagnostic=32))
+    direct = path_ablation_effects(model, bridge, ds.rep, roles.induction, groups=True)
+    relayed = path_ablation_effects(model, bridge, ds.rep, roles.induction, groups=True, through_mlp=True)
+    assert (direct.value - relayed.value).abs().max() < 1e-5
+    k = direct[direct.metric == "path_k_acc_delta"].set_index("head").value
+    assert k[-1] < -0.5 and abs(k[-1] - k[roles.prev_token[1]]) < 0.1
+    with torch.no_grad():  # an MLP that does write: the relayed path differs from the direct one
+        model.blocks[0].mlp.W_in.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        model.blocks[0].mlp.W_out.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    bridge = to_bridge(model)
+    direct = path_ablation_effects(model, bridge, ds.rep, roles.induction, groups=True)
+    relayed = path_ablation_effects(model, bridge, ds.rep, roles.induction, groups=True, through_mlp=True)
+    assert (direct.value - relayed.value).abs().max() > 1e-3
