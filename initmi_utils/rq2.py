@@ -526,9 +526,8 @@ def label_agreement(study: Study, sec: Section, res: Result) -> None:
     sec.heading("Do the mechanism labels agree with causal evidence? (final checkpoints)")
     sec.table(table, f"Label × causal evidence over runs: a label passes when mean-ablating its deciding head costs ≥ "
                      f"{ABLATION_MIN_DROP} induction accuracy on BOS + A + A and its implied paths (classic: K; shifted "
-                     f"and recall: K and V) each carry ≥ {PATH_MIN_SHARE} of that drop; `none` passes when no layer-1 "
-                     f"head's ablation costs that much. A classic run whose previous-token signal is spread over "
-                     f"several layer-0 heads fails the path part (single-head path ablation cannot see it).")
+                     f"and recall: K and V) each carry ≥ {PATH_MIN_SHARE} of that drop, a path being one layer-0 head or all "
+                     f"of them, directly or through MLP0; `none` passes when no layer-1 head's ablation costs that much.")
 
 
 def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role_threshold: float = 0.4,

@@ -143,8 +143,8 @@ else:
 #
 # `ablation.label_evidence` at the final checkpoint (table `evidence`): the copying-mechanism label, the
 # induction-accuracy drop when its deciding head is mean-ablated (it must be ≥ 0.3), and the largest
-# single-head path drop through Q, K and V (classic needs K; shifted and recall need K and V, each ≥ 0.2 of
-# the head's drop). `causal_ok` (value) is 1 when both hold; for `none`, when no layer-1 head's ablation
+# path drop through Q, K and V, a path being one layer-0 head or all of them, directly or through MLP0
+# (classic needs K; shifted and recall need K and V, each ≥ 0.2 of the head's drop). `causal_ok` (value) is 1 when both hold; for `none`, when no layer-1 head's ablation
 # costs 0.3.
 
 # %%
