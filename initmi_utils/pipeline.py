@@ -301,6 +301,76 @@ def priority_order(chains: list[list[Job]]) -> list[Job]:
     return [c[0] for c in chains if c] + [j for c in chains for j in c[1:]]
 
 
+class Progress:
+    """One line a person can follow, in a plain log and under ``make``: jobs done / total, the
+    running ones and how long they have run, the elapsed time and an ETA.
+
+    The ETA is measured, not guessed: each job kind (donor, training, analysis, comparison) is
+    assumed to take the mean of the jobs of that kind finished so far (skipped ones do not count),
+    the work left is that sum spread over the workers, and until a kind has a measurement the ETA
+    says which kind it waits for.
+    """
+
+    def __init__(self, kinds: list[str], workers: int, clock: Callable[[], float] = time.monotonic):
+        self.total, self.workers, self.clock = len(kinds), max(1, workers), clock
+        self.start_time = clock()
+        self.left: dict[str, int] = {}
+        for k in kinds:
+            self.left[k] = self.left.get(k, 0) + 1
+        self.durations: dict[str, list[float]] = {}
+        self.running: dict[str, tuple[str, float]] = {}
+        self.done = 0
+        self.lock = threading.Lock()
+
+    def start(self, label: str, kind: str) -> None:
+        with self.lock:
+            self.left[kind] -= 1
+            self.running[label] = (kind, self.clock())
+
+    def finish(self, label: str, seconds: float | None) -> None:
+        """``seconds`` None: skipped (up to date), no measurement."""
+        with self.lock:
+            kind, _ = self.running.pop(label)
+            self.done += 1
+            if seconds is not None:
+                self.durations.setdefault(kind, []).append(seconds)
+
+    def eta(self) -> str:
+        now, work, unmeasured = self.clock(), 0.0, []
+        for kind in self.left:  # in the order the kinds first appear in the grid
+            pending = self.left.get(kind, 0) + sum(k == kind for k, _ in self.running.values())
+            if pending and not self.durations.get(kind):
+                unmeasured.append(kind)
+            elif pending:
+                mean = sum(self.durations[kind]) / len(self.durations[kind])
+                work += self.left.get(kind, 0) * mean
+                work += sum(max(0.0, mean - (now - t0)) for k, t0 in self.running.values() if k == kind)
+        if unmeasured and not work:
+            return f"ETA after the first {unmeasured[0]}"
+        return f"ETA {_clock(work / self.workers)}" + (f" + the {', '.join(unmeasured)} (not measured yet)"
+                                                         if unmeasured else "")
+
+    def line(self) -> str:
+        with self.lock:
+            now = self.clock()
+            running = ", ".join(f"{label} {_clock(now - t0)}" for label, (_, t0) in self.running.items()) or "none"
+            return (f"[progress] {self.done}/{self.total} done; running: {running}; "
+                    f"elapsed {_clock(now - self.start_time)}; {self.eta()}")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def job_kind(task) -> str:
+    if isinstance(task, DonorJob):
+        return "donor"
+    if not task.notebook.per_run:
+        return "comparison"
+    return "training" if task.notebook.number == "01" else "analysis"
+
+
 def schedule(tasks: list, depends: Callable[[object], list], run: Callable[[object], None], workers: int) -> None:
     """Run ``tasks`` on ``workers`` threads: each free worker takes the first task in list order
     whose ``depends(task)`` have all finished (list order = priority). Returns when all are done.
@@ -439,23 +509,41 @@ def main(argv: list[str] | None = None) -> int:
 
     donors = [DonorJob(a.preset, seed, root) for seed in seeds] if needs_donor(schemes, selected) else []
     failed_donors: list[DonorJob] = []
+    ordered = [*donors, *priority_order(chains)]
+    progress = Progress([job_kind(t) for t in ordered + finals], a.workers)
+    stop = threading.Event()
+
+    def tick() -> None:  # long trainings would otherwise leave the log silent for minutes
+        while not stop.wait(60):
+            log(progress.line())
 
     def run_task(task) -> None:
+        label = f"donor s{task.seed}" if isinstance(task, DonorJob) else \
+            f"{task.notebook.number} {task.parameters.get('scheme', '')}-s{task.parameters.get('seed', '')}".replace(" -s", "")
+        progress.start(label, job_kind(task))
+        began = time.perf_counter()
         if isinstance(task, DonorJob):
             if not task.run(log):
                 failed_donors.append(task)
         else:
             execute(task, kernel, log, warm_kernel())
+        skipped = getattr(task, "status", "") == "skipped"
+        progress.finish(label, None if skipped else time.perf_counter() - began)
+        if not skipped:
+            log(progress.line())
+
+    threading.Thread(target=tick, daemon=True, name="initmi-progress").start()
 
     try:
         # Donors first: a worker trains a donor while the others start on runs, instead of two
         # workers reaching the donor's lock together and one of them idling until it is trained.
-        schedule([*donors, *priority_order(chains)], lambda t: getattr(t, "depends", []), run_task, a.workers)
+        schedule(ordered, lambda t: getattr(t, "depends", []), run_task, a.workers)
         for job in finals:
             # The comparison runs even when some runs failed: its report names the missing runs.
             job.depends = [j for j in job.depends if j.status not in ("failed", "blocked")]
-            execute(job, kernel, log, warm_kernel())
+            run_task(job)
     finally:
+        stop.set()
         for w in warms:
             w.discard()
 

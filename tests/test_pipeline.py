@@ -12,7 +12,7 @@ import pytest
 
 from initmi_utils.config import PRESET_SEEDS, RunPaths, experiment
 import initmi_utils.pipeline as pipeline_module
-from initmi_utils.pipeline import NOTEBOOK_DIR, DonorJob, discover, needs_donor, plan, priority_order, schedule
+from initmi_utils.pipeline import NOTEBOOK_DIR, DonorJob, Progress, discover, needs_donor, plan, priority_order, schedule
 from initmi_utils.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,3 +207,29 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
     # A second run has nothing to do.
     again = pipeline("--preset", "smoke", "--workers", "2", root=tmp_path)
     assert again.returncode == 0 and " 0 ok," in again.stdout, again.stdout[-2000:]
+
+
+def test_the_progress_line_counts_jobs_and_measures_its_eta():
+    now = [0.0]
+    p = Progress(["donor", "training", "training", "analysis", "analysis", "comparison"], workers=2,
+                 clock=lambda: now[0])
+    p.start("donor s0", "donor")
+    p.start("01 normal-s0", "training")
+    now[0] = 30.0
+    assert p.line().startswith("[progress] 0/6 done; running: donor s0 0m30s, 01 normal-s0 0m30s; elapsed 0m30s")
+    assert p.line().endswith("ETA after the first donor")  # nothing of that kind measured yet
+    p.finish("donor s0", 30.0)
+    now[0] = 100.0
+    p.finish("01 normal-s0", 100.0)
+    assert p.line().endswith("ETA 0m50s + the analysis, comparison (not measured yet)")  # one training of 100 s left
+    p.start("01 xavier-s0", "training")
+    p.start("02 normal-s0", "analysis")
+    now[0] = 110.0
+    p.finish("02 normal-s0", 10.0)
+    p.start("02 xavier-s0", "analysis")
+    p.start("07", "comparison")
+    p.finish("07", None)  # skipped: no measurement
+    now[0] = 120.0
+    # left: the running training (100 s mean, 20 s in: 80 s), the running analysis (10 s mean, 10 s
+    # in: 0 s) and nothing else; the comparison was skipped, so it needs no measurement.
+    assert p.line() == "[progress] 4/6 done; running: 01 xavier-s0 0m20s, 02 xavier-s0 0m10s; elapsed 2m00s; ETA 0m40s"
