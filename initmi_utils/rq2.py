@@ -1,8 +1,9 @@
 """RQ2: at matched checkpoints, do runs of different schemes use different mechanisms?
 
 Every run is read at a *step-matched* checkpoint (the last step every run has analysed, or a
-given one) and at a *loss-matched* one (the first analysed checkpoint with val loss ≤ a target:
-two runs can reach the same loss by different circuits, and only the matched views tell).
+given one) and at two *loss-matched* ones: each run's loss-ladder checkpoint of one val-loss level
+and of one induction-loss level, the lowest level every emerged run reaches (``ladder_target``): two
+runs can reach the same loss by different circuits, and only the matched views tell.
 
 - The copying mechanism of every run (``offsets.mechanism_labels``: classic induction, shifted
   induction, long-offset recall or none) and induction accuracy on short vs long copies
@@ -40,7 +41,7 @@ from initmi_utils.inference import (MEAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band
 from initmi_utils.offsets import REPORT_ORDER, THRESHOLDS, mechanism_labels
 from initmi_utils.report import Section
 from initmi_utils.stats import ALPHA
-from initmi_utils.study import (ResidualCache, Result, Study, at_matched, feature_table, final_values, missing_note,
+from initmi_utils.study import (ResidualCache, Result, Study, at_matched, feature_table, missing_note,
                                 runs_of, section_table, seeds_note, show_scheme_tests)
 
 BAND_LEGEND = "scheme (band: 95% t-interval of the mean over seeds)"
@@ -137,27 +138,6 @@ def ladder_matched(ladder: pd.DataFrame, metrics: pd.DataFrame, emergence: pd.Da
                              val_loss=np.nan, reached=False, after_emergence=False))
     return pd.DataFrame(rows, columns=["run", "scheme", "seed", "step", "loss", "tolerance", "val_loss", "reached",
                                        "after_emergence"])
-
-
-def auto_loss_target(metrics: pd.DataFrame) -> float:
-    """The largest per-scheme median final val loss: the typical run of every scheme reaches it."""
-    fv = final_values(metrics, "val_loss")
-    return float(fv.groupby("scheme").value.median().max()) if len(fv) else math.nan
-
-
-def loss_matched(candidates: pd.DataFrame, metrics: pd.DataFrame, target: float) -> pd.DataFrame:
-    """For each run the first analysed checkpoint with val loss <= ``target`` (``reached`` False and
-    step nan for runs that never get there)."""
-    vl = _val_loss(metrics).merge(candidates, on=["run", "step"])
-    rows = []
-    for run, scheme, seed in runs_of(metrics).itertuples(index=False):
-        g = vl[(vl.run == run) & (vl.val_loss <= target)].sort_values("step")
-        if len(g):
-            rows.append(dict(run=run, scheme=scheme, seed=int(seed), step=int(g.step.iloc[0]),
-                             val_loss=float(g.val_loss.iloc[0]), reached=True))
-        else:
-            rows.append(dict(run=run, scheme=scheme, seed=int(seed), step=np.nan, val_loss=np.nan, reached=False))
-    return pd.DataFrame(rows, columns=["run", "scheme", "seed", "step", "val_loss", "reached"])
 
 
 def head_roles(attention: pd.DataFrame, threshold: float = 0.4) -> pd.DataFrame:
