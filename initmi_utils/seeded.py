@@ -95,7 +95,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor

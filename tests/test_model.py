@@ -1,6 +1,5 @@
 """The training model and its TransformerBridge view compute the same function."""
 
-import os
 import subprocess
 import sys
 

@@ -12,7 +12,7 @@ import pytest
 
 from initmi_utils.config import PRESET_SEEDS, RunPaths, experiment
 import initmi_utils.pipeline as pipeline_module
-from initmi_utils.pipeline import NOTEBOOK_DIR, DonorJob, Progress, discover, needs_donor, plan, priority_order, schedule
+from initmi_utils.pipeline import DonorJob, Progress, discover, needs_donor, plan, priority_order, schedule
 from initmi_utils.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
