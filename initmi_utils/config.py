@@ -8,8 +8,8 @@ defaults computed from another field. Seeds are separate on purpose:
 - ``data.seed`` fixes the synthetic data *and* the order batches are drawn in, so two seeds of
   one scheme see exactly the same batches and differ only in their initial weights.
 
-Presets (``smoke``, ``quick``, ``full``) are functions of the preset name only; a run is a preset
-plus (scheme, seed): ``experiment("quick", scheme="xavier", seed=3)``.
+Presets (``smoke``, ``quick``, ``full``; ``quick4`` and ``full4`` with 4 layers) are functions of the
+preset name only; a run is a preset plus (scheme, seed): ``experiment("quick", scheme="xavier", seed=3)``.
 """
 
 from __future__ import annotations
@@ -229,7 +229,18 @@ PRESETS: dict[str, ExperimentConfig] = {
                                                induction_loss_ladder=INDUCTION_LOSS_LADDER)),
 }
 
-PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4)}
+
+def deeper(cfg: ExperimentConfig, n_layers: int = 4) -> ExperimentConfig:
+    """``cfg`` with ``n_layers`` transformer blocks, everything else unchanged."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=n_layers))
+
+
+# The default runs with 4 layers, to speak about depth: with 2 layers "grows with depth" is one
+# comparison (layer 0 vs layer 1). Same width, data, schedule and loss ladders as quick and full.
+PRESETS.update(quick4=deeper(PRESETS["quick"]), full4=deeper(PRESETS["full"]))
+
+PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4),
+                                            "quick4": (0,), "full4": (0, 1, 2, 3, 4)}
 
 
 SCHEME_NAME = re.compile(r"[a-z][a-z0-9_]*")

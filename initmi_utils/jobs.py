@@ -1,16 +1,5 @@
-"""The grid runner: every numbered notebook, in order, for every (scheme, seed) of a preset.
-
-    python -m initmi_utils.pipeline --preset quick [--schemes a,b] [--seeds 0,1]
-        [--notebooks 01,02] [--workers N] [--root DIR] [--param name=value ...] [--force]
-
-Per-run notebooks (those whose ``parameters`` cell has ``scheme``): each run's first selected
-notebook (01_train) runs before its others, which read only its checkpoints and so run in any order,
-on any free worker; the others (07_compare) run once per preset after every run. Workers take the
-ready job of highest priority: donors, then trainings, then analyses (``schedule``), so that the
-analyses, many and short, fill both workers at the end instead of one worker idling through the
-last run's training while the other analyses it. Executed notebooks go to
-``<root>/data/runs/<preset>/<scheme>/seed<k>/notebooks/`` (per preset ones to
-``<root>/data/runs/<preset>/notebooks/``), written atomically.
+"""The grid's jobs: which notebook runs with which parameters, when its result is up to date, and
+how one runs in a kernel. Where they run is ``cluster``'s concern; the command line is ``pipeline``.
 
 Up to date = skipped: after a notebook succeeds a stamp records a hash of (notebook source,
 parameters, the source of every package module it imports, transitively, and the torch and
@@ -23,29 +12,28 @@ The kernel is passed explicitly: a notebook's metadata says ``python3``, which o
 resolves to a Python other than the project's venv (the venv-kernel trap). We register a
 kernelspec ``initmi`` whose argv is *this* interpreter and run every notebook with it.
 
-A failing notebook is reported with the path of its executed copy; the other runs go on, the
-notebooks that depend on it are skipped (blocked), and the exit status is 1.
+This module imports no torch: a Dask worker unpickling a job stays a light process, and the
+kernels it drives pay for torch once each.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from initmi_utils.config import PRESET_SEEDS, PRESETS, ConfigError, RunPaths, experiment, resolve_root
 from initmi_utils.io import atomic_write_text
-from initmi_utils.schemes import SCHEMES, load_scheme_modules
 from initmi_utils.sources import closure_hash, notebook_imports, package_hash
-import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "initmi"
@@ -109,6 +97,7 @@ def _hash(*parts: object) -> str:
 
 
 @dataclass
+@dataclass
 class Job:
     """One notebook execution."""
 
@@ -116,14 +105,27 @@ class Job:
     output: Path
     parameters: dict
     depends: list["Job"] = field(default_factory=list)
+    scratch: tuple[Path, ...] = ()  # directories its notebook writes into (temp files cleaned on a retry)
     key: str = ""
     status: str = "pending"  # pending | skipped | ok | failed | blocked
     seconds: float = 0.0
     error: str = ""
+    retried: str = ""  # set when this attempt took over from a worker that died running it
 
     @property
     def stamp(self) -> Path:
         return self.output.with_suffix(".ok.json")
+
+    @property
+    def label(self) -> str:
+        scheme, seed = self.parameters.get("scheme"), self.parameters.get("seed")
+        return f"{self.notebook.number} {scheme}-s{seed}" if scheme else self.notebook.number
+
+    @property
+    def kind(self) -> str:
+        if not self.notebook.per_run:
+            return "comparison"
+        return "training" if self.notebook.number == "01" else "analysis"
 
     def compute_key(self) -> str:
         """The notebook's source, its parameters, the hash of the package modules it imports
@@ -140,6 +142,12 @@ class Job:
     def up_to_date(self) -> bool:
         return self.stamp.exists() and self.output.exists() and json.loads(self.stamp.read_text()).get("key") == self.key
 
+    def log_line(self) -> str:
+        return (f"[{self.status:>6}] {self.notebook.path.name} {self.parameters.get('scheme', '')} "
+                f"seed={self.parameters.get('seed', '-')} ({self.seconds:.1f}s) -> {self.output}"
+                + (f"\n         {self.retried}" if self.retried else "")
+                + (f"\n         {self.error}" if self.error else ""))
+
 
 class WarmKernel:
     """One kernel reused for a worker's notebooks, its namespace reset between them.
@@ -153,7 +161,7 @@ class WarmKernel:
     """
 
     def __init__(self, kernel_name: str, cwd: Path):
-        self.kernel_name, self.cwd, self.km, self.source = kernel_name, cwd, None, None
+        self.kernel_name, self.cwd, self.km, self.source, self.sockets = kernel_name, cwd, None, None, ""
 
     def get(self):
         from jupyter_client.manager import KernelManager
@@ -163,24 +171,23 @@ class WarmKernel:
             self.discard()
         self.source = source
         if self.km is None or not self.km.is_alive():
-            self.km = KernelManager(kernel_name=self.kernel_name)
+            # Local IPC sockets, not TCP ports: nothing listens on the network, and none of the
+            # kernel's warnings about unencrypted TCP.
+            self.sockets = tempfile.mkdtemp(prefix="initmi-kernel-")
+            self.km = KernelManager(kernel_name=self.kernel_name, transport="ipc", ip=os.path.join(self.sockets, "k"))
             self.km.start_kernel(cwd=str(self.cwd))
             self._run("from initmi_utils.model import keep_freed_memory as _k; _k(); del _k")
         else:
-            kc = self.km.client()
-            kc.start_channels()
-            try:
-                kc.wait_for_ready(timeout=60)
-                reply = kc.execute_interactive("get_ipython().run_line_magic('reset', '-f')", timeout=60,
-                                               store_history=False)
-                if reply["content"]["status"] != "ok":
-                    raise RuntimeError("reset failed")
-            finally:
-                kc.stop_channels()
+            self._run("get_ipython().run_line_magic('reset', '-f')")
         return self.km
 
+    @property
+    def pid(self) -> int | None:
+        process = getattr(getattr(self.km, "provisioner", None), "process", None)
+        return getattr(process, "pid", None)
+
     def _run(self, code: str) -> None:
-        """Run ``code`` in the kernel outside any notebook (the worker's own set-up)."""
+        """Run ``code`` in the kernel outside any notebook (the worker's own set-up or reset)."""
         kc = self.km.client()
         kc.start_channels()
         try:
@@ -198,44 +205,177 @@ class WarmKernel:
             except Exception:
                 pass
             self.km = None
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
 
-def execute(job: Job, kernel: str, log=print, warm: WarmKernel | None = None) -> None:
-    """Run one notebook with papermill; the executed copy is written atomically either way."""
+HOST = socket.gethostname()
+LEASE_BEAT = 2.0  # seconds between a running job's lease heartbeats
+LEASE_STALE = 10.0  # a lease not renewed for this long belongs to a dead worker
+PARENT_POLL = 1.0  # ipykernel's parent poller: an orphaned kernel exits within this of its parent's death
+MAX_ATTEMPTS = 2  # a job whose worker dies is run once more, on whichever worker Dask gives it
+
+
+class JobBusy(RuntimeError):
+    """The job's lease is held by a live process (another grid on the same ``--root``)."""
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a running process on this host (a zombie, already dead, is not)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Lease:
+    """``<executed notebook>.lease.json``: which worker runs a job now, its kernel's pid, and the
+    attempt. Written when a job starts, renewed every ``LEASE_BEAT`` seconds, removed when it ends.
+
+    Why a file, next to the artefacts, and not Dask's own state: when a worker process is killed,
+    Dask reruns its task elsewhere, but the dead worker's kernel is a separate process that may
+    still be training into the same checkpoint directory. Only the shared filesystem is common to
+    the old and the new attempt, so the new attempt finds the lease there and makes sure the
+    orphan has exited before it writes: on the same host it kills the kernel by pid and waits for
+    it; on another host it waits until the lease stops being renewed, then for ipykernel's parent
+    poller (``JPY_PARENT_PID``), which ends a kernel whose parent died within ``PARENT_POLL``. Then
+    it removes the temp files the dead attempt left (artefacts themselves are written atomically,
+    so none is ever half-written).
+    """
+
+    def __init__(self, job: Job, grid: str, owner: str):
+        self.path, self.job, self.grid, self.owner = job.output.with_suffix(".lease.json"), job, grid, owner
+        self.data: dict = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self, clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> dict | None:
+        """Take the lease; return the previous holder's record when this is a takeover."""
+        previous = self._read()
+        attempt = 1
+        if previous is not None:
+            if previous.get("host") == HOST:
+                if previous.get("pid") != os.getpid() and _alive(previous.get("pid")):
+                    raise JobBusy(f"{self.job.label} is being run by process {previous['pid']} on this host "
+                                  f"(another pipeline on the same --root?); wait for it or stop it.")
+                kernel = previous.get("kernel_pid")
+                if _alive(kernel):
+                    os.kill(kernel, 9)
+                while _alive(kernel):
+                    sleep(0.1)
+            else:
+                waited = 0.0
+                while clock() - self.path.stat().st_mtime < LEASE_STALE:
+                    if waited > 3 * LEASE_STALE:
+                        raise JobBusy(f"{self.job.label} is being run on {previous.get('host')} "
+                                      f"(its lease {self.path} is still renewed); wait for it or stop it.")
+                    sleep(1.0)
+                    waited += 1.0
+                sleep(PARENT_POLL + 1.0)
+            for directory in self.job.scratch:
+                for tmp in list(directory.glob(".*.tmp")) + list(directory.glob(".*.tmp.ipynb")):
+                    tmp.unlink(missing_ok=True)
+            attempt = previous.get("attempt", 1) + 1 if previous.get("grid") == self.grid else 1
+        self.data = {"host": HOST, "pid": os.getpid(), "owner": self.owner, "grid": self.grid, "attempt": attempt,
+                     "kernel_pid": None}
+        self._write()
+        self._beat = threading.Thread(target=self._renew, daemon=True, name="initmi-lease")
+        self._beat.start()
+        return previous
+
+    def set_kernel(self, pid: int | None) -> None:
+        self.data["kernel_pid"] = pid
+        self._write()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        self.path.unlink(missing_ok=True)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_BEAT):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.data))
+
+
+def execute(job: Job, kernel: str, warm: WarmKernel | None = None, grid: str = "", owner: str = "") -> None:
+    """Run one notebook with papermill; the executed copy is written atomically either way.
+
+    ``job.key`` must be computed (``compute_key``) by the caller. Sets ``job.status`` (``ok`` or
+    ``failed``), ``seconds``, ``error`` and, when it took over from a dead worker, ``retried``.
+    """
     import papermill
 
-    if any(d.status in ("failed", "blocked") for d in job.depends):
-        job.status = "blocked"
-        return
-    job.compute_key()
-    if job.up_to_date():
-        job.status = "skipped"
-        return
     job.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.output.with_name(f".{job.output.name}.{os.getpid()}.tmp.ipynb")
-    job.stamp.unlink(missing_ok=True)
-    start = time.perf_counter()
+    lease = Lease(job, grid, owner)
+    previous = lease.acquire()
     try:
-        papermill.execute_notebook(
-            str(job.notebook.path), str(tmp), parameters=job.parameters, kernel_name=kernel,
-            cwd=str(job.notebook.path.parent), progress_bar=False, request_save_on_cell_execute=False,
-            **({"km": warm.get()} if warm is not None else {}),
-        )
-        job.status = "ok"
-    except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
-        job.status = "failed"
-        if warm is not None:
-            warm.discard()
-        job.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        if previous is not None:
+            attempt = lease.data["attempt"]
+            job.retried = (f"retried (attempt {attempt}): {previous.get('owner') or 'its worker'} on "
+                           f"{previous.get('host')} died running it; its kernel has exited")
+            if attempt > MAX_ATTEMPTS:
+                job.status, job.error = "failed", f"its worker died in {attempt - 1} attempts; not retried again"
+                return
+        tmp = job.output.with_name(f".{job.output.name}.{os.getpid()}.tmp.ipynb")
+        job.stamp.unlink(missing_ok=True)
+        start = time.perf_counter()
+        try:
+            km = warm.get() if warm is not None else None
+            lease.set_kernel(warm.pid if warm is not None else None)
+            papermill.execute_notebook(
+                str(job.notebook.path), str(tmp), parameters=job.parameters, kernel_name=kernel,
+                cwd=str(job.notebook.path.parent), progress_bar=False, request_save_on_cell_execute=False,
+                **({"km": km} if km is not None else {}),
+            )
+            job.status = "ok"
+        except Exception as e:  # papermill's PapermillExecutionError, a dead kernel, ...
+            job.status = "failed"
+            if warm is not None:
+                warm.discard()
+            job.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        finally:
+            job.seconds = time.perf_counter() - start
+            if tmp.exists():
+                os.replace(tmp, job.output)
+        if job.status == "ok":
+            atomic_write_text(job.stamp, json.dumps({"key": job.key, "seconds": round(job.seconds, 2)}))
     finally:
-        job.seconds = time.perf_counter() - start
-        if tmp.exists():
-            os.replace(tmp, job.output)
-    if job.status == "ok":
-        atomic_write_text(job.stamp, json.dumps({"key": job.key, "seconds": round(job.seconds, 2)}))
-    log(f"[{job.status:>6}] {job.notebook.path.name} {job.parameters.get('scheme', '')} "
-        f"seed={job.parameters.get('seed', '-')} ({job.seconds:.1f}s) -> {job.output}"
-        + (f"\n         {job.error}" if job.error else ""))
+        lease.release()
+
+
+def sign(path: Path) -> None:
+    """Trust an executed notebook, as ``jupyter trust`` does: JupyterLab then runs its outputs'
+    scripts (the circuitsvis views) instead of stripping them. The notebook is the user's own
+    computation; the signature goes to the notary database of the user running this process."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    notary = NotebookNotary()
+    try:
+        notary.sign(nbformat.read(path, as_version=4))
+    finally:
+        notary.store.close()
 
 
 def needs_donor(schemes: list[str], notebooks: list[Notebook]) -> bool:
@@ -246,18 +386,36 @@ def needs_donor(schemes: list[str], notebooks: list[Notebook]) -> bool:
     return bool(per_run) and ("seeded" in schemes or any("persistence_checkpoints" in nb.parameters for nb in per_run))
 
 
+def reads_donor(job: Job) -> bool:
+    """Whether ``job`` needs its seed's donor chosen first: a ``seeded`` run's training, and every
+    run's persistence analysis."""
+    if not job.notebook.per_run:
+        return False
+    if job.kind == "training":
+        return job.parameters.get("scheme") == "seeded"
+    return "persistence_checkpoints" in job.notebook.parameters
+
+
 @dataclass
 class DonorJob:
     """Run (or reuse) one student seed's donor policy in a subprocess (``python -m initmi_utils.donor``):
     its candidate donors in order until one learns induction, and the recorded choice
-    (``seeded.donor_choice``). Logs the command's last line (the chosen donor) or its error."""
+    (``seeded.donor_choice``). ``log_line`` is the command's last line (the chosen donor) or its error."""
 
     preset: str
     seed: int
     root: Path
     error: str = ""
+    seconds: float = 0.0
+    summary: str = ""
+    status: str = "pending"
+    kind = "donor"
 
-    def run(self, log=print) -> bool:
+    @property
+    def label(self) -> str:
+        return f"donor s{self.seed}"
+
+    def run(self) -> bool:
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "initmi_utils.donor", "--preset", self.preset, "--seed", str(self.seed),
                "--root", str(self.root)]
@@ -265,40 +423,14 @@ class DonorJob:
         # On success the last line of stdout names the chosen donor (stderr may end in a warning).
         lines = (done.stdout if done.returncode == 0 else done.stdout + done.stderr).strip().splitlines()
         self.error = "" if done.returncode == 0 else (lines[-1] if lines else f"exit status {done.returncode}")
-        log(f"[{'ok' if not self.error else 'failed':>6}] donor seed={self.seed} ({time.perf_counter() - start:.1f}s)"
-            + (f": {lines[-1]}" if lines and not self.error else f"\n         {self.error}" if self.error else ""))
+        self.summary = lines[-1] if lines and not self.error else ""
+        self.seconds = time.perf_counter() - start
+        self.status = "failed" if self.error else "ok"
         return not self.error
 
-
-def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Notebook], root: Path,
-         extra: dict) -> tuple[list[list[Job]], list[Job]]:
-    """Per-run chains of jobs and the per-preset jobs that depend on all of them."""
-    chains = []
-    for scheme in schemes:
-        for seed in seeds:
-            paths = RunPaths.of(experiment(preset, scheme, seed), root)
-            chain: list[Job] = []
-            for nb in (n for n in notebooks if n.per_run):
-                params = {"scheme": scheme, "seed": seed, "preset": preset, "root": str(root)}
-                params.update({k: v for k, v in extra.items() if k in nb.parameters and k != "scheme_modules"})
-                if SCHEMES[scheme].source and "scheme_modules" in nb.parameters:  # a user's scheme: its file,
-                    params["scheme_modules"] = extra["scheme_modules"]  # in its runs' keys only
-                # The analyses read the first notebook's checkpoints, never each other's tables.
-                chain.append(Job(nb, paths.notebooks / nb.path.name, params, depends=chain[:1]))
-            chains.append(chain)
-    finals = []
-    all_runs = [j for c in chains for j in c]
-    for nb in (n for n in notebooks if not n.per_run):
-        params = {k: v for k, v in {"preset": preset, "root": str(root), "seeds": list(seeds), **extra}.items()
-                  if k in nb.parameters}
-        finals.append(Job(nb, root / "data" / "runs" / preset / "notebooks" / nb.path.name, params,
-                          depends=all_runs))
-    return chains, finals
-
-
-def priority_order(chains: list[list[Job]]) -> list[Job]:
-    """Every run's first notebook (training, minutes), then the others (analyses, seconds) run by run."""
-    return [c[0] for c in chains if c] + [j for c in chains for j in c[1:]]
+    def log_line(self) -> str:
+        return (f"[{self.status:>6}] donor seed={self.seed} ({self.seconds:.1f}s)"
+                + (f": {self.summary}" if self.summary else f"\n         {self.error}" if self.error else ""))
 
 
 class Progress:
@@ -308,7 +440,8 @@ class Progress:
     The ETA is measured, not guessed: each job kind (donor, training, analysis, comparison) is
     assumed to take the mean of the jobs of that kind finished so far (skipped ones do not count),
     the work left is that sum spread over the workers, and until a kind has a measurement the ETA
-    says which kind it waits for.
+    says which kind it waits for. Starts and finishes may arrive in either order (a worker's
+    start event can come after its result): a finish without a start still counts once.
     """
 
     def __init__(self, kinds: list[str], workers: int, clock: Callable[[], float] = time.monotonic):
@@ -319,18 +452,25 @@ class Progress:
             self.left[k] = self.left.get(k, 0) + 1
         self.durations: dict[str, list[float]] = {}
         self.running: dict[str, tuple[str, float]] = {}
+        self.finished: set[str] = set()
         self.done = 0
         self.lock = threading.Lock()
 
     def start(self, label: str, kind: str) -> None:
         with self.lock:
+            if label in self.finished or label in self.running:
+                return
             self.left[kind] -= 1
             self.running[label] = (kind, self.clock())
 
-    def finish(self, label: str, seconds: float | None) -> None:
+    def finish(self, label: str, kind: str, seconds: float | None) -> None:
         """``seconds`` None: skipped (up to date), no measurement."""
         with self.lock:
-            kind, _ = self.running.pop(label)
+            if label in self.finished:
+                return
+            if self.running.pop(label, None) is None:
+                self.left[kind] -= 1
+            self.finished.add(label)
             self.done += 1
             if seconds is not None:
                 self.durations.setdefault(kind, []).append(seconds)
@@ -361,204 +501,3 @@ class Progress:
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-def job_kind(task) -> str:
-    if isinstance(task, DonorJob):
-        return "donor"
-    if not task.notebook.per_run:
-        return "comparison"
-    return "training" if task.notebook.number == "01" else "analysis"
-
-
-def schedule(tasks: list, depends: Callable[[object], list], run: Callable[[object], None], workers: int) -> None:
-    """Run ``tasks`` on ``workers`` threads: each free worker takes the first task in list order
-    whose ``depends(task)`` have all finished (list order = priority). Returns when all are done.
-
-    Why not ``pool.map`` over per-run chains: a chain keeps its worker for a whole run, so at the
-    end of a grid one worker trains the last run while the other, done, idles; here the last
-    run's analyses spread over every worker and the idle tail is one notebook at most.
-    """
-    pending, finished = list(tasks), set()
-    cond = threading.Condition()
-    failure: list[BaseException] = []
-
-    def worker() -> None:
-        while True:
-            with cond:
-                while True:
-                    if failure or not pending:
-                        return
-                    ready = next((t for t in pending if all(id(d) in finished for d in depends(t))), None)
-                    if ready is not None:
-                        pending.remove(ready)
-                        break
-                    cond.wait()
-            try:
-                run(ready)
-            except BaseException as e:  # a bug in the runner itself: stop handing out work, raise it below
-                with cond:
-                    failure.append(e)
-                    cond.notify_all()
-                return
-            with cond:
-                finished.add(id(ready))
-                cond.notify_all()
-
-    threads = [threading.Thread(target=worker, name=f"initmi-worker-{i}") for i in range(max(1, workers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failure:
-        raise failure[0]
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_args(argv: list[str] | None, notebooks: list[Notebook]):
-    p = argparse.ArgumentParser(prog="python -m initmi_utils.pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
-    p.add_argument("--schemes", default="", help="comma-separated init schemes (default: all registered)")
-    p.add_argument("--seeds", default="", help="comma-separated init seeds (default: the preset's seeds)")
-    p.add_argument("--notebooks", default="", help="comma-separated notebook numbers, e.g. 01,02 (default: all)")
-    p.add_argument("--workers", type=int, default=1, help="runs executed in parallel (default 1)")
-    p.add_argument("--root", default=None, help="directory for every artefact (default: this project's root)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra notebook parameter (JSON value), passed to the notebooks that declare it")
-    p.add_argument("--scheme-module", default="", metavar="FILE[,FILE]",
-                   help="Python files that register schemes with @register_scheme; their schemes join the grid")
-    p.add_argument("--force", action="store_true", help="rerun notebooks even when up to date")
-    p.add_argument("--cold", action="store_true", help="a fresh kernel for every notebook (slower; for debugging)")
-    a = p.parse_args(argv)
-
-    if a.preset not in PRESETS:
-        raise PipelineError(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}.")
-    modules = [str(Path(m).expanduser().resolve()) for m in a.scheme_module.split(",") if m.strip()]
-    load_scheme_modules(",".join(modules))  # one clear error naming the file when it is missing or raises
-    schemes = [s for s in a.schemes.split(",") if s] or list(SCHEMES)
-    unknown = [s for s in schemes if s not in SCHEMES]
-    if unknown:
-        raise PipelineError(f"unknown init scheme(s) {unknown}; supported schemes: {', '.join(SCHEMES)}.")
-    try:
-        seeds = [int(s) for s in a.seeds.split(",") if s] or list(PRESET_SEEDS[a.preset])
-    except ValueError:
-        raise PipelineError(f"--seeds must be comma-separated integers, got {a.seeds!r}.") from None
-    numbers = {nb.number: nb for nb in notebooks}
-    chosen = [n for n in a.notebooks.split(",") if n]
-    missing = [n for n in chosen if n not in numbers]
-    if missing:
-        raise PipelineError(f"unknown notebook number(s) {missing}; available: {', '.join(numbers)}.")
-    selected = [numbers[n] for n in sorted(chosen)] if chosen else notebooks
-    extra = {}
-    declared = {name for nb in selected for name in nb.parameters} - set(RUN_PARAMS)
-    for item in a.param:
-        name, sep, value = item.partition("=")
-        if not sep or name not in declared:
-            raise PipelineError(
-                f"unknown notebook parameter {name!r} (from --param {item!r}); the selected notebooks "
-                f"declare: {', '.join(sorted(declared)) or 'none besides ' + ', '.join(RUN_PARAMS)}. "
-                f"Use --param NAME=VALUE."
-            )
-        extra[name] = _parse_value(value)
-    if a.workers < 1:
-        raise PipelineError("--workers must be >= 1.")
-    if modules:
-        extra["scheme_modules"] = ",".join(modules)
-    return a, schemes, seeds, selected, extra
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        notebooks = discover()
-        a, schemes, seeds, selected, extra = parse_args(argv, notebooks)
-        root = resolve_root(a.root).resolve()
-        chains, finals = plan(a.preset, schemes, seeds, selected, root, extra)
-    except (PipelineError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    kernel = ensure_kernel()
-    if a.workers > 1:  # share the cores between concurrent kernels instead of oversubscribing them
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.workers)))
-    if a.force:
-        for job in [j for c in chains for j in c] + finals:
-            job.stamp.unlink(missing_ok=True)
-
-    start = time.perf_counter()
-    print(f"initmi pipeline: preset={a.preset} runs={len(chains)} notebooks="
-          f"{','.join(nb.number for nb in selected)} root={root} kernel={kernel}", flush=True)
-
-    local = threading.local()
-    warms: list[WarmKernel] = []
-
-    def warm_kernel() -> WarmKernel | None:
-        if a.cold:
-            return None
-        if not hasattr(local, "warm"):
-            local.warm = WarmKernel(kernel, NOTEBOOK_DIR)
-            warms.append(local.warm)
-        return local.warm
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    donors = [DonorJob(a.preset, seed, root) for seed in seeds] if needs_donor(schemes, selected) else []
-    failed_donors: list[DonorJob] = []
-    ordered = [*donors, *priority_order(chains)]
-    progress = Progress([job_kind(t) for t in ordered + finals], a.workers)
-    stop = threading.Event()
-
-    def tick() -> None:  # long trainings would otherwise leave the log silent for minutes
-        while not stop.wait(60):
-            log(progress.line())
-
-    def run_task(task) -> None:
-        label = f"donor s{task.seed}" if isinstance(task, DonorJob) else \
-            f"{task.notebook.number} {task.parameters.get('scheme', '')}-s{task.parameters.get('seed', '')}".replace(" -s", "")
-        progress.start(label, job_kind(task))
-        began = time.perf_counter()
-        if isinstance(task, DonorJob):
-            if not task.run(log):
-                failed_donors.append(task)
-        else:
-            execute(task, kernel, log, warm_kernel())
-        skipped = getattr(task, "status", "") == "skipped"
-        progress.finish(label, None if skipped else time.perf_counter() - began)
-        if not skipped:
-            log(progress.line())
-
-    threading.Thread(target=tick, daemon=True, name="initmi-progress").start()
-
-    try:
-        # Donors first: a worker trains a donor while the others start on runs, instead of two
-        # workers reaching the donor's lock together and one of them idling until it is trained.
-        schedule(ordered, lambda t: getattr(t, "depends", []), run_task, a.workers)
-        for job in finals:
-            # The comparison runs even when some runs failed: its report names the missing runs.
-            job.depends = [j for j in job.depends if j.status not in ("failed", "blocked")]
-            run_task(job)
-    finally:
-        stop.set()
-        for w in warms:
-            w.discard()
-
-    jobs = [j for c in chains for j in c] + finals
-    failed = [j for j in jobs if j.status in ("failed", "blocked")]
-    for d in failed_donors:
-        print(f"FAILED: donor of seed {d.seed} ({d.error})", file=sys.stderr)
-    counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "skipped", "failed", "blocked")}
-    print(f"done in {time.perf_counter() - start:.0f}s: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-    for j in failed:
-        print(f"FAILED: {j.notebook.path.name} {j.parameters} -> {j.output}"
-              + (f" ({j.error})" if j.error else " (not run: an earlier notebook of this run failed)"),
-              file=sys.stderr)
-    return 1 if failed or failed_donors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

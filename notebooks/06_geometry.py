@@ -14,7 +14,12 @@
 # layers (TransformerLens's `composition_scores`), also as z-scores against fresh models of the
 # same init scheme at step 0.
 #
-# Writes the tables `geometry` and `circuits`; figures to the run's figures folder.
+# **Gaussianity** (`initmi_utils.gaussianity`, tests in `tests/test_gaussianity.py`): are the weights
+# W, and what training added to them ΔW = W − W₀, Gaussian, and is ΔW i.i.d. noise? Per matrix and
+# checkpoint: std, excess kurtosis, skewness, the KS distance of the standardised entries to N(0, 1)
+# relative to a Gaussian sample of the same size, and the spectrum against Marchenko–Pastur.
+#
+# Writes the tables `geometry`, `circuits` and `gaussianity`; figures to the run's figures folder.
 
 # %% tags=["parameters"]
 scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | orthogonal | scaled_residual | mimetic | seeded
@@ -35,6 +40,9 @@ from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.circuits import composition_null
 from initmi_utils.circuits import tables as geometry_circuits_tables
 from initmi_utils.config import RunPaths, experiment
+from initmi_utils.gaussianity import distance_curves
+from initmi_utils.gaussianity import tables as gaussianity_tables
+from initmi_utils.gaussianity_plots import distance_figure
 from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.schemes import load_scheme_modules
 from initmi_utils.tables import write_table
@@ -92,6 +100,26 @@ if len(sv):
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     save_figure(fig, paths.figures / "06_spectra")
     fig.show()
+
+# %% [markdown]
+# ## Gaussianity of W and of ΔW = W − W₀
+#
+# Distance to the fitted Gaussian as a multiple of a Gaussian sample's of the same size: 1 (dashed)
+# is as Gaussian as Gaussian noise; uniform entries (xavier at step 0) sit at 6–12. Then ΔW's
+# spectrum against Marchenko–Pastur, as a multiple of a Gaussian matrix's of the same shape: 1 is
+# i.i.d.; a low-rank update stands far above. One line per layer; ΔW starts after step 0.
+
+# %%
+gauss_tables = gaussianity_tables(cfg, root)
+for name, df in gauss_tables.items():
+    write_table(df, cfg, name, root)
+gauss = gauss_tables["gaussianity"]
+for metric, label in (("ks_rel", "KS distance to the fitted Gaussian / null"), ("mp_ks_rel", "KS distance to Marchenko–Pastur / null")):
+    fig = distance_figure(distance_curves(gauss, metric, by="layer"), f"{cfg.run.name} ({preset}): {label}", group="layer", y_title=label)
+    save_figure(fig, paths.figures / f"06_gaussianity_{metric}")
+    fig.show()
+gauss[gauss.step == final].pivot_table(index=["matrix", "layer"], columns=["weights", "metric"], values="value").reindex(
+    columns=["std", "kurtosis", "skew", "ks_rel", "mp_ks_rel", "mp_edge_ratio"], level="metric").round(3)
 
 # %% [markdown]
 # ## Head-output similarity at the final checkpoint

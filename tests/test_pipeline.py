@@ -11,8 +11,9 @@ import nbformat
 import pytest
 
 from initmi_utils.config import PRESET_SEEDS, RunPaths, experiment
-import initmi_utils.pipeline as pipeline_module
-from initmi_utils.pipeline import DonorJob, Progress, discover, needs_donor, plan, priority_order, schedule
+import initmi_utils.jobs as jobs_module
+from initmi_utils.jobs import DonorJob, Progress, discover, needs_donor
+from initmi_utils.pipeline import plan
 from initmi_utils.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,12 +99,13 @@ def test_a_donor_job_runs_the_donor_policy_and_logs_the_chosen_donor(tmp_path, m
         ok = "  seed 1: step 8000, accuracy 0.020, not emerged\nchosen: donor xavier-s201 (seeds tried 1, 201): step 2400"
         return subprocess.CompletedProcess(cmd, 0, stdout=ok + "\n", stderr="UserWarning: something\n  warnings.warn(\n")
 
-    monkeypatch.setattr(pipeline_module.subprocess, "run", fake_run)
-    logged = []
-    assert DonorJob("quick", 1, tmp_path).run(logged.append)
+    monkeypatch.setattr(jobs_module.subprocess, "run", fake_run)
+    donor = DonorJob("quick", 1, tmp_path)
+    assert donor.run()
     assert calls[0][1:] == ["-m", "initmi_utils.donor", "--preset", "quick", "--seed", "1", "--root", str(tmp_path)]
-    assert logged[0].startswith("[    ok] donor seed=1 (") and logged[0].endswith(
-        ": chosen: donor xavier-s201 (seeds tried 1, 201): step 2400"), logged  # stdout's last line, not stderr's
+    line = donor.log_line()
+    assert line.startswith("[    ok] donor seed=1 (") and line.endswith(
+        ": chosen: donor xavier-s201 (seeds tried 1, 201): step 2400"), line  # stdout's last line, not stderr's
 
 
 def test_a_failing_donor_is_reported_with_its_seed(tmp_path):
@@ -122,66 +124,6 @@ def test_analyses_depend_on_their_run_s_training_only_and_the_comparison_on_ever
         assert all(job.depends == [chain[0]] for job in chain[1:])
     assert [j.notebook.number for j in finals] == ["07"]
     assert finals[0].depends == [j for c in chains for j in c]
-    # Trainings first, run by run; then every analysis, run by run.
-    order = priority_order(chains)
-    assert [j.notebook.number for j in order[:2]] == ["01", "01"]
-    assert [j.parameters["scheme"] for j in order[:2]] == ["normal", "xavier"]
-    assert {j.notebook.number for j in order[2:]} == {nb.number for nb in notebooks if nb.per_run} - {"01"}
-
-
-class Task:
-    def __init__(self, name, seconds, depends=()):
-        self.name, self.seconds, self.depends = name, seconds, list(depends)
-
-
-def run_schedule(tasks, workers):
-    """Execute fake tasks; return {name: (start, end)} on one clock and which thread ran each."""
-    t0, spans, threads, lock = time.perf_counter(), {}, {}, threading.Lock()
-
-    def run(task):
-        start = time.perf_counter() - t0
-        time.sleep(task.seconds)
-        with lock:
-            spans[task.name] = (start, time.perf_counter() - t0)
-            threads[task.name] = threading.current_thread().name
-
-    schedule(tasks, lambda t: t.depends, run, workers)
-    return spans, threads
-
-
-def test_schedule_respects_dependencies_and_spreads_the_analyses():
-    # Two runs: training (0.3 s) then three analyses (0.1 s each) that need only their training.
-    # A third worker is free from the start: it must still wait for a training to finish.
-    train_a, train_b = Task("train_a", 0.3), Task("train_b", 0.3)
-    analyses = [Task(f"{r.name[-1]}{i}", 0.1, [r]) for r in (train_a, train_b) for i in range(3)]
-    spans, threads = run_schedule([train_a, train_b, *analyses], workers=3)
-    assert len(spans) == 8
-    for task in analyses:
-        assert spans[task.name][0] >= spans[task.depends[0].name][1], task.name  # never before its training
-    assert len({threads[t.name] for t in analyses}) == 3  # every worker takes analyses
-
-
-def test_schedule_runs_every_training_before_any_analysis_on_an_odd_grid():
-    # 3 runs on 2 workers. One chain per worker would leave a worker idle through run 3's
-    # training; trainings first means the third training starts before any analysis, and the
-    # analyses are then shared. Only the order of events on one clock is asserted, never a
-    # duration: a loaded machine stretches the times, not the order.
-    trains = [Task(f"t{i}", 0.2) for i in range(3)]
-    analyses = [Task(f"a{i}{k}", 0.05, [t]) for i, t in enumerate(trains) for k in range(3)]
-    spans, threads = run_schedule([*trains, *analyses], workers=2)
-    first_analysis = min(spans[a.name][0] for a in analyses)
-    assert all(spans[t.name][0] < first_analysis for t in trains), spans
-    assert len({threads[a.name] for a in analyses}) == 2  # both workers share the analyses
-
-
-def test_a_runner_error_stops_the_schedule_and_is_raised():
-    def run(task):
-        if task.name == "bad":
-            raise KeyError("bug in the runner")
-
-    later = Task("later", 0.0)
-    with pytest.raises(KeyError):
-        schedule([Task("bad", 0.0), later], lambda t: t.depends, run, workers=1)
 
 
 @pytest.mark.slow
@@ -218,18 +160,31 @@ def test_the_progress_line_counts_jobs_and_measures_its_eta():
     now[0] = 30.0
     assert p.line().startswith("[progress] 0/6 done; running: donor s0 0m30s, 01 normal-s0 0m30s; elapsed 0m30s")
     assert p.line().endswith("ETA after the first donor")  # nothing of that kind measured yet
-    p.finish("donor s0", 30.0)
+    p.finish("donor s0", "donor", 30.0)
     now[0] = 100.0
-    p.finish("01 normal-s0", 100.0)
+    p.finish("01 normal-s0", "training", 100.0)
     assert p.line().endswith("ETA 0m50s + the analysis, comparison (not measured yet)")  # one training of 100 s left
     p.start("01 xavier-s0", "training")
     p.start("02 normal-s0", "analysis")
     now[0] = 110.0
-    p.finish("02 normal-s0", 10.0)
+    p.finish("02 normal-s0", "analysis", 10.0)
     p.start("02 xavier-s0", "analysis")
     p.start("07", "comparison")
-    p.finish("07", None)  # skipped: no measurement
+    p.finish("07", "comparison", None)  # skipped: no measurement
     now[0] = 120.0
     # left: the running training (100 s mean, 20 s in: 80 s), the running analysis (10 s mean, 10 s
     # in: 0 s) and nothing else; the comparison was skipped, so it needs no measurement.
     assert p.line() == "[progress] 4/6 done; running: 01 xavier-s0 0m20s, 02 xavier-s0 0m10s; elapsed 2m00s; ETA 0m40s"
+
+
+def test_progress_counts_a_job_once_whatever_order_its_start_and_finish_arrive_in():
+    # A worker's start event travels apart from its result: it may arrive after the finish.
+    now = [0.0]
+    p = Progress(["training", "training"], workers=1, clock=lambda: now[0])
+    p.finish("01 normal-s0", "training", 10.0)
+    p.start("01 normal-s0", "training")  # late: ignored
+    assert p.line().startswith("[progress] 1/2 done; running: none;")
+    p.start("01 xavier-s0", "training")
+    p.start("01 xavier-s0", "training")  # twice (a retried task announces itself again): once
+    now[0] = 4.0
+    assert p.line() == "[progress] 1/2 done; running: 01 xavier-s0 0m04s; elapsed 0m04s; ETA 0m06s"

@@ -11,7 +11,8 @@ import pytest
 import initmi_utils.sources as sources
 import initmi_utils.train as train_module
 from initmi_utils.config import RunPaths, experiment
-from initmi_utils.pipeline import discover, plan
+from initmi_utils.jobs import discover
+from initmi_utils.pipeline import plan
 from initmi_utils.train import StaleRun, train
 
 
@@ -73,7 +74,7 @@ def test_a_run_trained_by_other_training_code_is_refused_unless_reused_knowingly
 
 
 def test_a_warm_kernel_started_before_an_edit_is_replaced(package_copy, monkeypatch):
-    import initmi_utils.pipeline as pipeline
+    import initmi_utils.jobs as pipeline
 
     class FakeKernel:
         alive = True
@@ -88,7 +89,7 @@ def test_a_warm_kernel_started_before_an_edit_is_replaced(package_copy, monkeypa
     monkeypatch.setattr(pipeline.WarmKernel, "_run", lambda self, code: None)
 
     class FakeManager:
-        def __init__(self, kernel_name):
+        def __init__(self, kernel_name, **kwargs):
             started.append(self)
             self.km = FakeKernel()
 
