@@ -33,6 +33,7 @@ from initmi_utils.model import Transformer
 from initmi_utils.offsets import model_mechanism
 from initmi_utils.seeded import (
     DONOR,
+    DONOR_MECHANISM,
     DONOR_METRIC,
     DonorConfig,
     DonorMissing,
@@ -61,6 +62,12 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def final_mechanism(dcfg: ExperimentConfig, root: str | Path | None = None) -> str:
+    """The mechanism label (``offsets.model_mechanism``) of a donor run's last checkpoint."""
+    ckpts = list_checkpoints(dcfg, root)
+    return model_mechanism(ckpts.load(ckpts.steps[-1])[0], load_dataset(dcfg, root).val)["label"]
+
+
 def train_candidate(cfg: ExperimentConfig, donor_seed: int, root: str | Path | None = None, donor: DonorConfig = DONOR,
                     progress: bool = False) -> pd.DataFrame:
     """The training metrics of donor seed ``donor_seed`` for ``cfg``'s run (long format, as
@@ -85,17 +92,20 @@ def choose_donor(cfg: ExperimentConfig, root: str | Path | None = None, donor: D
             candidates = []
             for seed in donor_seeds(cfg.run.seed, donor):
                 train_candidate(cfg, seed, root, donor, progress)
-                candidates.append(donor_outcome(donor_experiment(cfg, donor, seed), root))
-                if candidates[-1]["emerged"]:
+                outcome = donor_outcome(donor_experiment(cfg, donor, seed), root)
+                outcome["mechanism"] = final_mechanism(donor_experiment(cfg, donor, seed), root)
+                outcome["qualifies"] = outcome["emerged"] and outcome["mechanism"] == DONOR_MECHANISM
+                candidates.append(outcome)
+                if outcome["qualifies"]:
                     break
-            emerged = [c for c in candidates if c["emerged"]]
+            emerged = [c for c in candidates if c["qualifies"]]
             accuracy = [c["final_accuracy"] if c["final_accuracy"] == c["final_accuracy"] else -1.0 for c in candidates]
             best = emerged[0] if emerged else candidates[accuracy.index(max(accuracy))]
             dcfg = donor_experiment(cfg, donor)
             choice = {"preset": cfg.run.preset, "donor": donor.name(cfg.model), "donor_scheme": donor.scheme,
                       "student_seed": cfg.run.seed, "max_tries": donor.max_tries, "metric": DONOR_METRIC,
                       "emergence_threshold": dcfg.train.emergence_threshold, "candidates": candidates,
-                      "chosen_seed": best["seed"], "emerged": bool(emerged)}
+                      "criterion": DONOR_MECHANISM, "chosen_seed": best["seed"], "emerged": bool(emerged)}
             atomic_write_text(path, json.dumps(choice, indent=2, sort_keys=True))
     if not choice["emerged"]:
         warnings.warn(not_emerged_message(choice), DonorWarning, stacklevel=2)
@@ -138,18 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threshold = choice["emergence_threshold"]
     print(f"donor {choice['donor']} ({choice['donor_scheme']}) of seed {a.seed}, {a.preset}: candidates tried "
-          f"(at most {choice['max_tries']}), first to reach unambiguous induction accuracy {threshold} wins:")
+          f"(at most {choice['max_tries']}), first to reach unambiguous induction accuracy {threshold} with "
+          f"mechanism {DONOR_MECHANISM} wins:")
     for c in choice["candidates"]:
         print(f"  seed {c['seed']}: step {c['final_step']}, accuracy {c['final_accuracy']:.3f}, "
-              + (f"emerged at step {c['emerged_at']}" if c["emerged"] else "not emerged"))
+              + (f"emerged at step {c['emerged_at']}" if c["emerged"] else "not emerged")
+              + f", mechanism {c['mechanism']}")
     dcfg = donor_experiment(cfg, DONOR, choice["chosen_seed"])
-    ckpts = list_checkpoints(dcfg, a.root)
-    mechanism = model_mechanism(ckpts.load(ckpts.steps[-1])[0], load_dataset(dcfg, a.root).val)["label"]
     chosen = next(c for c in choice["candidates"] if c["seed"] == choice["chosen_seed"])
     tried = ", ".join(str(c["seed"]) for c in choice["candidates"])
     print(f"chosen: donor {dcfg.run.name} (seeds tried {tried}): step {chosen['final_step']}, unambiguous induction "
-          f"accuracy {chosen['final_accuracy']:.3f}, mechanism {mechanism}"
-          + ("" if choice["emerged"] else f"; none reached {threshold}: no induction circuit, so the seeded run of "
+          f"accuracy {chosen['final_accuracy']:.3f}, mechanism {chosen['mechanism']}"
+          + ("" if choice["emerged"] else f"; none reached {threshold} with {DONOR_MECHANISM}: no classic "
+                                          f"induction circuit, so the seeded run of "
                                           f"seed {a.seed} starts from a partial one (DonorWarning)"))
     return 0
 

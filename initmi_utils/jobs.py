@@ -131,10 +131,12 @@ class Job:
         """The notebook's source, its parameters, the hash of the package modules it imports
         (transitively, with the torch and transformer_lens versions: ``sources.closure_hash``) and
         the keys of the jobs it depends on: editing an analysis module reruns the notebooks that
-        import it and what depends on them, nothing else."""
+        import it and what depends on them, nothing else. A job that reads its seed's donor
+        (``reads_donor``) is also keyed on the donor policy's code (``initmi_utils.donor``)."""
         modules = [p for p in str(self.parameters.get("scheme_modules", "")).split(",") if p]
         result_params = {k: v for k, v in self.parameters.items() if k not in POLICY_PARAMS}
-        self.key = _hash(self.notebook.path.read_bytes(), result_params, closure_hash(self.notebook.imports),
+        imports = self.notebook.imports | ({"initmi_utils.donor"} if reads_donor(self) else set())
+        self.key = _hash(self.notebook.path.read_bytes(), result_params, closure_hash(imports),
                          [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in modules],
                          [d.key for d in self.depends])
         return self.key

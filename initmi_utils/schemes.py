@@ -110,14 +110,19 @@ class Scheme:
     fn: SchemeFn
     source: str = ""  # the user's scheme file ("" for the package's own schemes)
     source_hash: str = ""  # sha256 (16 hex) of that file: part of the runs' training source
+    inputs: Callable | None = None  # inputs(cfg, root) -> str: what the scheme reads besides the model (its donor)
 
 
 SCHEMES: dict[str, Scheme] = {}
 _loading: list[tuple[str, str]] = []  # (file, hash) of the scheme module being imported
 
 
-def register_scheme(name: str, description: str) -> Callable[[SchemeFn], SchemeFn]:
+def register_scheme(name: str, description: str, inputs: Callable | None = None) -> Callable[[SchemeFn], SchemeFn]:
     """Register ``fn(model, cfg, generator, root)`` under ``name``.
+
+    ``inputs(cfg, root)``, for a scheme that reads artefacts, returns a fingerprint of the ones
+    it would read for that run (the ``seeded`` scheme: its chosen donor): it is part of the run's
+    training source, so a run whose inputs changed is stale (``train.run_source``).
 
     ``cfg`` is the run's ``ExperimentConfig`` (may be None for schemes that need only the model);
     ``root`` the project root, for schemes that read artefacts (a trained donor model). A name
@@ -132,7 +137,7 @@ def register_scheme(name: str, description: str) -> Callable[[SchemeFn], SchemeF
             where = old.source or "initmi_utils (built in)"
             raise ConfigError(f"init scheme {name!r} from {source or 'initmi_utils'} clashes with {name!r} from "
                               f"{where}; choose another name.")
-        SCHEMES[name] = Scheme(name, description, fn, source, source_hash)
+        SCHEMES[name] = Scheme(name, description, fn, source, source_hash, inputs)
         return fn
 
     return decorate

@@ -70,10 +70,14 @@ others lie in ``[100 (k + 1) + 1, 100 (k + 1) + 99]``, above every student seed'
 and disjoint across student seeds: no two student seeds ``0 <= k < 100`` can share a donor
 (``donor_seeds`` refuses other seeds, ``max_tries`` is at most 100). Candidates train in order
 (each until ``steps_after_emergence`` steps after its induction emerges, capped as above) and the
-first whose final unambiguous induction accuracy (``val_acc_induction_unambiguous``) reaches
-``train.emergence_threshold`` is chosen; the rest are never trained. If none does, the one with
-the highest final accuracy (the earliest on ties) is chosen and a ``DonorWarning`` names the
-seeds tried: the scheme then seeds a bigram model or a partial circuit, not an induction circuit.
+first that does classic induction is chosen: its final unambiguous induction accuracy
+(``val_acc_induction_unambiguous``) reaches ``train.emergence_threshold`` *and* its final
+checkpoint's mechanism label (``offsets.model_mechanism``, frozen thresholds) is
+``classic_induction`` (``DONOR_MECHANISM``). Accuracy alone is not enough: a donor can reach it by
+recalling a token at a fixed long offset, which is not the circuit the scheme promises to embed.
+The rest are never trained. If none qualifies, the one with the highest final accuracy (the
+earliest on ties) is chosen and a ``DonorWarning`` names the seeds tried: the scheme then seeds
+another mechanism or a partial circuit, not a classic induction circuit.
 
 The choice is recorded, once, in ``checkpoints/<preset>/_donors/<donor name>/<donor
 scheme>/choice-seed<k>.json`` (``donor_choice_path``; ``-tries<n>`` is appended to the stem when
@@ -109,6 +113,7 @@ SEED_WRITE_STD = 0.002  # std of the random writers into the residual (small: th
 STEP0_LOGIT_TOLERANCE = 0.02  # RMS(student - donor logits) / std(donor logits) allowed at step 0
 DONOR_SEED_BLOCK = 100  # student seed k's further donor seeds: DONOR_SEED_BLOCK * (k + 1) + j, j = 1, 2, ...
 DONOR_METRIC = "val_acc_induction_unambiguous"  # the donor's final accuracy that decides "emerged"
+DONOR_MECHANISM = "classic_induction"  # the label a chosen donor must have besides the accuracy
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,9 @@ def donor_choice(cfg: ExperimentConfig, root: str | Path | None = None, donor: D
     if not path.exists():
         raise DonorMissing(f"the donor of run {cfg.run.name} ({cfg.run.preset}) is not chosen yet ({path} missing): {hint}.")
     choice = json.loads(path.read_text())
+    if choice.get("criterion") != DONOR_MECHANISM:
+        raise DonorMissing(f"the donor choice {path} was made by an older policy (criterion "
+                           f"{choice.get('criterion', 'accuracy only')}, now {DONOR_MECHANISM}): {hint}.")
     if choice.get("max_tries") != donor.max_tries:
         raise DonorMissing(f"the donor choice {path} was made with max_tries={choice.get('max_tries')}, "
                            f"not {donor.max_tries}: {hint}.")
@@ -270,11 +278,12 @@ def donor_choice(cfg: ExperimentConfig, root: str | Path | None = None, donor: D
 
 def not_emerged_message(choice: dict) -> str:
     """The ``DonorWarning`` text for a choice none of whose candidates emerged."""
-    tried = ", ".join(f"{c['seed']} ({c['final_accuracy']:.3f} at step {c['final_step']})" for c in choice["candidates"])
+    tried = ", ".join(f"{c['seed']} ({c['final_accuracy']:.3f} at step {c['final_step']}, {c.get('mechanism', '?')})"
+                      for c in choice["candidates"])
     return (f"none of the donors tried for seed {choice['student_seed']} of {choice['preset']} reached unambiguous "
-            f"induction accuracy {choice['emergence_threshold']} (donor seeds {tried}): the best, seed "
-            f"{choice['chosen_seed']}, has no induction circuit, so `seeded` seeds bigram statistics or a partial "
-            f"circuit only. Train it longer (DonorConfig(train_steps=...)), try more seeds "
+            f"induction accuracy {choice['emergence_threshold']} with mechanism {DONOR_MECHANISM} (donor seeds "
+            f"{tried}): the best, seed {choice['chosen_seed']}, has no classic induction circuit, so `seeded` seeds "
+            f"another mechanism, bigram statistics or a partial circuit only. Train it longer (DonorConfig(train_steps=...)), try more seeds "
             f"(DonorConfig(max_tries=...)) or give it more heads (DonorConfig(n_heads=...)).")
 
 
@@ -421,10 +430,21 @@ def seed_from_donor(model: Transformer, cfg: ExperimentConfig | None, g: torch.G
     embed_donor(model, load_donor(cfg, root, donor), g, noise_std, write_std)
 
 
+def donor_fingerprint(cfg: ExperimentConfig, root: str | Path | None = None, donor: DonorConfig = DONOR) -> str:
+    """What a ``seeded`` run reads besides its own config: its seed's chosen donor (name, seed) and
+    the training source recorded by that donor's run. Part of the run's training source
+    (``Scheme.inputs``), so a student trained from a donor that is no longer the choice is stale."""
+    choice = donor_choice(cfg, root, donor)
+    done = RunPaths.of(donor_experiment(cfg, donor, choice["chosen_seed"]), root).checkpoints / "done.json"
+    source = json.loads(done.read_text()).get("source", "")
+    return f"{donor.name(cfg.model)}-s{choice['chosen_seed']}@{source.split('+')[0][:16]}"
+
+
 @register_scheme(
     "seeded",
     "a trained donor with half the heads and width (xavier) embedded exactly into the first head "
     "slots of each layer; other readers N(0, 0.02^2), other writers N(0, 0.002^2) outside its subspace",
+    inputs=donor_fingerprint,
 )
 def seeded(model: Transformer, cfg, g: torch.Generator, root: str | Path | None) -> None:
     seed_from_donor(model, cfg, g, root)

@@ -63,7 +63,7 @@ from initmi_utils.config import ExperimentConfig, RunPaths, TrainConfig, experim
 from initmi_utils.data import Batch, Dataset, load_dataset
 from initmi_utils.io import atomic_write_text
 from initmi_utils.model import Transformer, keep_freed_memory, loss_fn, torch_threads
-from initmi_utils.schemes import build_model, check_scheme, load_scheme_modules, scheme_source
+from initmi_utils.schemes import SCHEMES, build_model, check_scheme, load_scheme_modules, scheme_source
 from initmi_utils.sources import closure_hash
 from initmi_utils.tables import table_path, write_table
 
@@ -220,22 +220,30 @@ def training_source(scheme: str = "") -> str:
     return closure_hash({"initmi_utils.train"}) + (f"+{user}" if user else "")
 
 
+def run_source(cfg: ExperimentConfig, root: str | Path | None = None) -> str:
+    """``training_source`` of the run's scheme, ``+`` the fingerprint of what the scheme reads
+    (``Scheme.inputs``; the ``seeded`` scheme's chosen donor): a run trained from another donor
+    is stale like one trained by other code."""
+    scheme = SCHEMES.get(cfg.run.scheme)
+    inputs = scheme.inputs(cfg, root) if scheme is not None and scheme.inputs is not None else ""
+    return training_source(cfg.run.scheme) + (f"+inputs:{inputs}" if inputs else "")
+
+
 STALE = ("refuse", "reuse", "retrain")  # what ``train`` does with checkpoints of other training code
 
 
-def _is_stale(found: str | None, folder: Path, stale: str, scheme: str = "") -> bool:
+def _is_stale(found: str | None, folder: Path, stale: str, now: str) -> bool:
     """Whether the run in ``folder`` must be retrained; raises ``StaleRun`` if it is stale and
     ``stale`` is ``refuse``."""
     if stale not in STALE:
         raise ValueError(f"stale={stale!r}; choose one of {STALE}.")
-    now = training_source(scheme)
     if found == now or stale == "reuse":
         return False
     if stale == "retrain":
         return True
     raise StaleRun(
         f"the checkpoints in {folder} were written by other training code (training source {found or 'unrecorded'}, "
-        f"now {now}: a module train imports, the scheme's file, torch or transformer_lens changed). Retrain them: "
+        f"now {now}: a module train imports, the scheme's file or inputs (the seeded scheme's donor), torch or transformer_lens changed). Retrain them: "
         f"train(..., stale='retrain'), --stale retrain on the train CLI, -p stale retrain with papermill, "
         f"--param stale=retrain on the pipeline (or delete that folder). Reuse them knowingly: stale='reuse'.")
 
@@ -251,10 +259,11 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
     paths = RunPaths.of(cfg, root)
     folder, table = paths.checkpoints, table_path(cfg, "metrics", root)
     done = folder / "done.json"
+    source = run_source(cfg, root)
     if done.exists():
         info = json.loads(done.read_text())
         _check_same_config(info["config"], cfg, done)
-        if not _is_stale(info.get("source"), folder, stale, cfg.run.scheme):
+        if not _is_stale(info.get("source"), folder, stale, source):
             return pd.read_parquet(table)
         shutil.rmtree(folder)
 
@@ -270,7 +279,7 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
         state = load_resume_state(folder, opt, names)
         if state is not None:
             _check_same_config(state["config"], cfg, folder / "resume.safetensors")
-            if _is_stale(state.get("source"), folder, stale, cfg.run.scheme):
+            if _is_stale(state.get("source"), folder, stale, source):
                 shutil.rmtree(folder)
                 opt, names = _optimizer(model, t)  # fresh moments: the stale ones were loaded
                 state = None
@@ -280,7 +289,7 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
             metrics = evaluate(model, ds)
             state = {"config": cfg.to_dict(), "step": 0, "rows": _rows(0, metrics), "loss_sum": 0.0,
                      "loss_n": 0, "ckpt_acc": metrics["val_acc_induction"], "checkpoints": [0],
-                     "ladder": {name: {} for name in LADDERS}, "source": training_source(cfg.run.scheme)}
+                     "ladder": {name: {} for name in LADDERS}, "source": source}
             losses = ladder_losses(model, ds, t)
             for name, level in _crossed(losses, _pending(state, t)):  # a run may start below a level
                 state["ladder"][name][repr(level)] = {"step": 0, "loss": losses[name]}
@@ -341,7 +350,7 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
     last = state["checkpoints"][-1]
     atomic_write_text(done, json.dumps({"config": cfg.to_dict(), "checkpoints": state["checkpoints"],
                                         "final_step": last, "emerged_at": state.get("emerged_at"),
-                                        "ladder": state.get("ladder", {}), "source": training_source(cfg.run.scheme),
+                                        "ladder": state.get("ladder", {}), "source": source,
                                         "final_metrics": {r["metric"]: r["value"] for r in state["rows"]
                                                           if r["step"] == last}}, indent=2, sort_keys=True))
     (folder / "resume.safetensors").unlink(missing_ok=True)

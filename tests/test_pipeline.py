@@ -142,6 +142,15 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
             assert (paths.tables / "metrics.parquet").exists()
     report = tmp_path / "figures" / "smoke" / "report.html"
     assert report.exists() and "RQ1" in report.read_text(encoding="utf-8")
+    # Executed notebooks are trusted for the user who ran the grid: JupyterLab runs their
+    # circuitsvis scripts. A notebook edited afterwards is not.
+    from nbformat.sign import NotebookNotary
+    executed = RunPaths.of(experiment("smoke", "normal", 0), tmp_path).notebooks / "03_attention.ipynb"
+    nb = nbformat.read(executed, as_version=4)
+    notary = NotebookNotary()
+    assert notary.check_signature(nb)
+    nb.cells[0].source += " "
+    assert not notary.check_signature(nb)
     # The comparison is told which seeds the grid ran, so it can name the ones missing.
     compare_nb = nbformat.read(tmp_path / "data" / "runs" / "smoke" / "notebooks" / "07_compare.ipynb", as_version=4)
     injected = next(c for c in compare_nb.cells if "injected-parameters" in c.metadata.get("tags", []))

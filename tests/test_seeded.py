@@ -12,6 +12,7 @@ import torch
 
 import initmi_utils.donor as donor_module
 import initmi_utils.train as train_module
+from initmi_utils.train import StaleRun, train
 from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.donor import choose_donor, donor_metrics, train_donor
 from initmi_utils.config import ConfigError, ModelConfig, RunPaths, experiment
@@ -169,7 +170,7 @@ def test_seeded_student_matches_its_trained_donor_and_the_donor_is_trained_once(
     real_build = train_module.build_model
     monkeypatch.setattr(train_module, "build_model", lambda c, r: trainings.append(c) or real_build(c, r))
 
-    with pytest.warns(DonorWarning, match="no induction circuit"):  # 20 steps cannot teach induction
+    with pytest.warns(DonorWarning, match="no classic induction circuit"):  # 20 steps cannot teach induction
         donor = train_donor(cfg, root)
     # none emerges, so every candidate is tried, each once
     assert [c.run.seed for c in trainings] == donor_seeds(0) == [0, 101, 102, 103]
@@ -233,13 +234,15 @@ def test_donor_seeds_start_with_the_student_seed_and_never_overlap_across_studen
     assert DonorConfig(max_tries=2).name(SMOKE) == DONOR.name(SMOKE)  # candidates' runs are shared
 
 
-EMERGES = 101  # in the policy fixture, the second candidate "learns induction"
+OFFSET_ONLY = 101  # in the policy fixture, the second candidate reaches the accuracy by another mechanism
+EMERGES = 102  # and the third "learns classic induction"
 
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    """The policy run with a fake emergence: candidate 0 fails (its real accuracy after 20 steps),
-    candidate 101 "emerges" (its outcome is patched to accuracy 0.9)."""
+    """The policy run with fake outcomes: candidate 0 fails (its real accuracy after 20 steps);
+    candidate 101 reaches accuracy 0.9 but its mechanism is ``long_offset_recall``, so it does not
+    qualify; candidate 102 reaches 0.9 with ``classic_induction`` and is chosen."""
     root = tmp_path_factory.mktemp("policy_root")
     cfg = experiment("smoke", "seeded", 0).replace(train={"steps": 20, "threads": 1})
     trainings, outcomes = [], []
@@ -247,13 +250,15 @@ def policy(tmp_path_factory):
 
     def outcome(dcfg, root):
         out = real_outcome(dcfg, root)
-        if dcfg.run.seed == EMERGES:
+        if dcfg.run.seed in (OFFSET_ONLY, EMERGES):
             out.update(final_accuracy=0.9, emerged=True, emerged_at=10)
         outcomes.append(out)
         return out
 
+    labels = {OFFSET_ONLY: "long_offset_recall", EMERGES: "classic_induction"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(donor_module, "donor_outcome", outcome)
+        mp.setattr(donor_module, "final_mechanism", lambda dcfg, root: labels.get(dcfg.run.seed, "none"))
         mp.setattr(train_module, "build_model", lambda c, r: trainings.append(c) or real_build(c, r))
         with warnings.catch_warnings():
             warnings.simplefilter("error", DonorWarning)  # a donor emerged: no warning
@@ -263,17 +268,22 @@ def policy(tmp_path_factory):
 
 def test_the_policy_stops_at_the_first_donor_that_emerges_and_records_its_choice(policy):
     cfg, root, choice, trainings, outcomes = policy
-    assert [c.run.seed for c in trainings] == [0, EMERGES]  # candidates 102, 103 never trained
+    assert [c.run.seed for c in trainings] == [0, OFFSET_ONLY, EMERGES]  # candidate 103 never trained
     path = donor_choice_path(cfg, root)
     assert path == root / "checkpoints" / "smoke" / "_donors" / DONOR.name(cfg.model) / "xavier" / "choice-seed0.json"
     recorded = json.loads(path.read_text())
     assert recorded == choice == donor_choice(cfg, root)
     assert recorded["chosen_seed"] == EMERGES and recorded["emerged"] is True and recorded["student_seed"] == 0
     assert recorded["max_tries"] == DONOR.max_tries and recorded["emergence_threshold"] == 0.8
-    assert [c["seed"] for c in recorded["candidates"]] == [0, EMERGES]
-    first, second = recorded["candidates"]
+    assert recorded["criterion"] == "classic_induction"
+    assert [c["seed"] for c in recorded["candidates"]] == [0, OFFSET_ONLY, EMERGES]
+    first, offset_only, third = recorded["candidates"]
     assert first["final_step"] == 20 and first["emerged"] is False and first["final_accuracy"] < 0.8
-    assert second == {"seed": EMERGES, "final_step": 20, "emerged_at": 10, "final_accuracy": 0.9, "emerged": True}
+    assert not first["qualifies"]
+    # Accuracy without the classic mechanism does not qualify: the policy went on.
+    assert offset_only["emerged"] and offset_only["mechanism"] == "long_offset_recall" and not offset_only["qualifies"]
+    assert third == {"seed": EMERGES, "final_step": 20, "emerged_at": 10, "final_accuracy": 0.9, "emerged": True,
+                     "mechanism": "classic_induction", "qualifies": True}
     assert first == outcomes[0]
     assert not list(path.parent.glob(".*.tmp"))  # written atomically
     # Recorded: asking again trains nothing and reads the file, not the (now real) outcomes.
@@ -302,8 +312,8 @@ def test_load_donor_loads_the_chosen_seed_and_reports_its_compute(policy):
     compute = donor_compute(cfg, root)
     dcfg = donor_experiment(cfg, DONOR, EMERGES)
     per_step = flops_per_token(dcfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
-    assert compute == {"donor_seed": EMERGES, "steps": 20, "flops": 20 * per_step, "total_steps": 40,
-                       "total_flops": 40 * per_step, "flops_per_step": per_step}
+    assert compute == {"donor_seed": EMERGES, "steps": 20, "flops": 20 * per_step, "total_steps": 60,
+                       "total_flops": 60 * per_step, "flops_per_step": per_step}
 
 
 def test_a_missing_choice_is_an_error_naming_the_command(policy, tmp_path):
@@ -331,9 +341,10 @@ def test_the_cli_prints_the_candidates_and_the_choice(policy, monkeypatch, capsy
     monkeypatch.setattr(donor_module, "experiment", lambda preset, scheme, seed: cfg)  # the fixture's 20 steps
     assert donor_module.main(["--preset", "smoke", "--seed", "0", "--root", str(root)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[1].startswith("  seed 0: step 20, accuracy ") and lines[1].endswith("not emerged")
-    assert lines[2] == f"  seed {EMERGES}: step 20, accuracy 0.900, emerged at step 10"
-    assert lines[-1].startswith(f"chosen: donor xavier-s{EMERGES} (seeds tried 0, {EMERGES}): step 20, ")
+    assert lines[1].startswith("  seed 0: step 20, accuracy ") and lines[1].endswith("not emerged, mechanism none")
+    assert lines[2] == f"  seed {OFFSET_ONLY}: step 20, accuracy 0.900, emerged at step 10, mechanism long_offset_recall"
+    assert lines[3] == f"  seed {EMERGES}: step 20, accuracy 0.900, emerged at step 10, mechanism classic_induction"
+    assert lines[-1].startswith(f"chosen: donor xavier-s{EMERGES} (seeds tried 0, {OFFSET_ONLY}, {EMERGES}): step 20, ")
     assert "DonorWarning" not in lines[-1]
 
 
@@ -347,6 +358,41 @@ def test_when_no_donor_emerges_the_best_is_chosen_with_a_warning_naming_the_seed
     assert choice["chosen_seed"] == choice["candidates"][accuracy.index(max(accuracy))]["seed"]
     with pytest.warns(DonorWarning, match=r"donor seeds 0 \(.*\), 101 \(.*\), 102 \(.*\), 103 \(.*\)"):
         choose_donor(cfg, root)
-    with pytest.warns(DonorWarning, match=f"the best, seed {choice['chosen_seed']}, has no induction circuit"):
+    with pytest.warns(DonorWarning, match=f"the best, seed {choice['chosen_seed']}, has no classic induction circuit"):
         load_donor(cfg, root)
     assert donor_compute(cfg, root)["total_steps"] == 4 * 20
+
+
+def test_a_choice_made_by_an_older_policy_is_not_served(policy, tmp_path):
+    cfg, root, _, _, _ = policy
+    path = donor_choice_path(cfg, root)
+    kept = path.read_text()
+    old = json.loads(kept)
+    del old["criterion"]  # accuracy only
+    try:
+        path.write_text(json.dumps(old))
+        with pytest.raises(DonorMissing, match="older policy.*accuracy only.*classic_induction"):
+            donor_choice(cfg, root)
+    finally:
+        path.write_text(kept)
+
+
+def test_a_seeded_run_trained_from_a_donor_no_longer_chosen_is_stale(policy):
+    cfg, root, _, _, _ = policy
+    student = cfg.replace(train={"steps": 10})
+    train(student, root, progress=False)
+    path = donor_choice_path(cfg, root)
+    kept = path.read_text()
+    try:
+        path.write_text(json.dumps({**json.loads(kept), "chosen_seed": OFFSET_ONLY}))  # another donor now
+        with pytest.raises(StaleRun, match="inputs"):
+            train(student, root, progress=False)
+        retrained = train(student, root, progress=False, stale="retrain")
+        done = json.loads((RunPaths.of(student, root).checkpoints / "done.json").read_text())
+        assert done["source"].endswith(f"-s{OFFSET_ONLY}@" + done["source"].split("@")[-1])
+        assert not retrained.empty
+    finally:
+        path.write_text(kept)
+    # Back on the recorded choice, the run is stale again (it was retrained from the other donor).
+    with pytest.raises(StaleRun):
+        train(student, root, progress=False)
