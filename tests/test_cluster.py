@@ -254,3 +254,4 @@ def test_a_smoke_grid_on_a_scheduler_survives_a_worker_killed_mid_notebook(sched
     for name in files:
         assert (clean / name).read_bytes() == (run.checkpoints / name).read_bytes(), name
     assert (root / "figures" / "smoke" / "report.html").exists()
+
