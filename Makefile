@@ -9,6 +9,8 @@ PRESET ?= quick
 WORKERS ?= 2
 # Comma-separated init seeds; empty = the preset's (quick: 0; full: 0-4).
 SEEDS ?=
+# A running Dask scheduler (tcp://HOST:PORT); empty = a local cluster of WORKERS processes.
+SCHEDULER ?=
 
 .PHONY: venv test test-fast reproduce lab clean-artefacts
 
@@ -32,7 +34,7 @@ test-fast: $(INSTALLED)
 
 # Train and analyse every scheme of the preset, then compare them (figures/$(PRESET)/report.html).
 reproduce: $(INSTALLED)
-	$(BIN)/python -m initmi_utils.pipeline --preset $(PRESET) --workers $(WORKERS) $(if $(SEEDS),--seeds $(SEEDS))
+	$(BIN)/python -m initmi_utils.pipeline --preset $(PRESET) --workers $(WORKERS) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 lab: $(INSTALLED)
 	$(BIN)/jupyter lab notebooks/
@@ -40,3 +42,10 @@ lab: $(INSTALLED)
 # Generated artefacts only; the code and notebooks stay.
 clean-artefacts:
 	rm -rf checkpoints/*/ data/*/ figures/*/
+
+# The report's main figures (one per research question) as SVG and PNG for papers, each stating the
+# machine and the command: kaleido with Debian's chromium (BROWSER_PATH overrides), nothing downloaded.
+# Run the comparison first (make reproduce); without kaleido or a browser it says what to install.
+.PHONY: figures
+figures: $(INSTALLED)
+	@$(BIN)/python -m initmi_utils.plots --preset $(PRESET) --command "make figures PRESET=$(PRESET)"

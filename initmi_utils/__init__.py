@@ -13,8 +13,9 @@ layers below its own; ``tests/test_layers.py`` and the import-linter contract in
 6. analyses: ``behavior``, ``attention``, ``offsets``, ``ablation``, ``logit_lens``,
    ``geometry``, ``circuits``, ``donor_persistence``, and ``handbuilt`` (known-answer models)
 7. ``train`` (training, the loss ladder, resume), ``donor`` (trains the seeded scheme's donor)
-8. the comparison: ``report`` and ``plots``, ``inference`` (test tables), ``study`` (loading
-   the runs), ``rq1``, ``rq2``, ``rq3`` (one per research question), ``compare``
+8. the comparison: ``report`` and ``plots``, ``head_browser`` (a run's heads across training),
+   ``inference`` (test tables), ``study`` (loading the runs), ``rq1``, ``rq2``, ``rq3`` (one per
+   research question), ``findings`` (their answers in sentences), ``compare``
 9. ``pipeline`` (the papermill grid runner, ``python -m initmi_utils.pipeline``)
 
 Importing the package has no side effects.

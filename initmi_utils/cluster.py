@@ -42,8 +42,8 @@ from initmi_utils.jobs import (
     WarmKernel,
     execute,
     reads_donor,
-    sign,
 )
+from initmi_utils.report import sign_notebook
 from initmi_utils.sources import package_hash
 
 PLUGIN = "initmi-kernel"
@@ -182,7 +182,7 @@ def run_grid(client: Client, donors: list[DonorJob], runs: list[list[Job]], fina
     """Run the grid on ``client``'s workers; set every job's ``status`` (and ``seconds``,
     ``error``, ``retried``). Up-to-date jobs are skipped here, in the client, without a task. The
     comparison jobs (``finals``) are submitted after every run, on the runs that did not fail.
-    Executed notebooks are signed here, in the process that launched the grid (``jobs.sign``)."""
+    Executed notebooks are signed here, in the process that launched the grid (``report.sign_notebook``)."""
     source = package_hash()
     check_workers(client, kernel, source)
     jobs = [j for chain in runs for j in chain]
@@ -266,7 +266,7 @@ def _collect(futures: dict, progress: Progress, log: Callable[[str], None]) -> N
                                                                result["retried"])
             line = result["log"]
             if isinstance(job, Job) and Path(result["output"]).exists() and job.status in ("ok", "failed"):
-                sign(Path(result["output"]))
+                sign_notebook(result["output"])
         progress.finish(job.label, job.kind, job.seconds if job.status in ("ok", "failed") else None)
         if job.status != "blocked":
             log(line)

@@ -12,12 +12,19 @@ The comparison is split by question; this module assembles it:
   helpers and the residual-stream CKA cache;
 - ``rq1`` (training, emergence), ``rq2`` (mechanisms at matched checkpoints, persistence of the
   seeded heads), ``rq3`` (geometry, early geometry vs emergence);
+- ``findings``: the answers first, a few sentences per question written from those modules'
+  tables, beside one figure each;
 - here: ``overview`` (runs and data, how to read the statistics), ``headline`` (one row per
-  scheme), ``save_outputs`` (figures, CSVs, ``figures/<preset>/report.html``) and
-  ``run_compare`` (all of it in one call).
+  scheme), ``head_browsers`` (each scheme's seed-0 run in the head browser of ``head_browser``),
+  ``save_outputs`` (figures, CSVs, ``figures/<preset>/report.html``) and ``run_compare`` (all of
+  it in one call).
+
+The report opens with the findings and the head browsers; the evidence (runs and data, headline
+numbers, RQ1-3 in full, persistence, the list of CSVs) follows in folded sections.
 
 Notebook 07 calls ``load_study``, ``overview``, ``rq1``, ``rq2``, ``rq3``, ``persistence``,
-``headline`` and ``save_outputs`` through this module, which re-exports them.
+``headline``, ``findings``, ``head_browsers`` and ``save_outputs`` through this module, which
+re-exports them.
 
 Statistics, in short (``inference.STATISTICS_TEXT`` is the report's version): means over seeds
 carry a 95% t-interval; emergence steps, which are skewed and censored at the horizon, a median
@@ -32,28 +39,33 @@ sentence says why. All scheme pairs are in the CSVs only.
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
 from initmi_utils import plots
-from initmi_utils.config import resolve_root
+from initmi_utils.checkpoints import CheckpointError
+from initmi_utils.config import experiment, resolve_root
+from initmi_utils.findings import findings
+from initmi_utils.head_browser import MAX_CHECKPOINTS, head_browser
 from initmi_utils.inference import MEAN_CI, REFERENCE, STATISTICS_TEXT, format_ci, format_level
 from initmi_utils.offsets import REPORT_ORDER
-from initmi_utils.report import Section, write_report
+from initmi_utils.report import Section, words, write_report
 from initmi_utils.rq1 import rq1
 from initmi_utils.rq2 import persistence, rq2
 from initmi_utils.rq3 import rq3
 from initmi_utils.stats import ALPHA
 from initmi_utils.study import Result, Study, expected_runs, load_study
 
-__all__ = ["load_study", "overview", "rq1", "rq2", "rq3", "persistence", "headline", "figures_dir", "save_outputs",
-           "run_compare", "Result", "Study"]
+__all__ = ["load_study", "overview", "rq1", "rq2", "rq3", "persistence", "headline", "findings", "head_browsers",
+           "figures_dir", "save_outputs", "run_compare", "Result", "Study"]
 
 
 def overview(study: Study) -> Result:
-    sec = Section("Runs and data")
+    sec = Section("Runs and data", folded=True)
     res = Result(sec, tables={"status": study.status})
     bad = study.status[study.status.status != "ok"]
     expected = expected_runs(study.preset, study.seeds)
@@ -84,14 +96,14 @@ def overview(study: Study) -> Result:
 def headline(study: Study, r1: Result, r2: Result) -> Result:
     """One row per scheme with the headline numbers: means with their 95% t-interval, the
     emergence step as median with its order-statistic interval, counts as k/n."""
-    sec = Section("Headline numbers per scheme")
+    sec = Section("Headline numbers per scheme", folded=True)
     res = Result(sec)
     usable = study.status[study.status.run.isin(study.usable_runs)].groupby("scheme").size()
     rows = {s: {"scheme": s, "n": int(usable.get(s, 0))} for s in study.schemes}
     fin = r1.tables.get("final")
     if fin is not None:
         for r in fin.itertuples():
-            rows[r.scheme][f"final {r.metric} [{MEAN_CI}]"] = format_ci(r.mean, r.ci_low, r.ci_high)
+            rows[r.scheme][f"final {words(r.metric)} [{MEAN_CI}]"] = format_ci(r.mean, r.ci_low, r.ci_high)
     em = r1.tables.get("emergence_summary")
     if em is not None:
         for r in em.itertuples():
@@ -107,13 +119,13 @@ def headline(study: Study, r1: Result, r2: Result) -> Result:
             "top1_share_layer heldout_mean_ablation_logit_diff_delta" in f
             or ("zero_ablation" in f and "_layer" not in f) or "patching" in f)]
         for r in mech[mech.feature.isin(keep)].itertuples():
-            rows[r.scheme][f"{r.feature} (step-matched) [{MEAN_CI}]"] = format_ci(r.mean, r.ci_low, r.ci_high)
+            rows[r.scheme][f"{words(r.feature)} (step-matched) [{MEAN_CI}]"] = format_ci(r.mean, r.ci_low, r.ci_high)
     counts = r2.tables.get("step_mechanism_labels")
     if counts is not None and len(counts):
         for s, g in counts.groupby("scheme"):
             k = g.mechanism.value_counts()
             rows[s]["copying mechanism (step-matched)"] = " · ".join(
-                f"{m} {int(k.get(m, 0))}" for m in REPORT_ORDER) + f" (n={len(g)})"
+                f"{words(m)} {int(k.get(m, 0))}" for m in REPORT_ORDER) + f" (n={len(g)})"
     roles = r2.tables.get("step_roles")
     if roles is not None and len(roles):
         for s, g in roles.groupby("scheme"):
@@ -130,26 +142,87 @@ def headline(study: Study, r1: Result, r2: Result) -> Result:
     return res
 
 
+def head_browsers(study: Study, n_checkpoints: int = MAX_CHECKPOINTS) -> Result:
+    """Each scheme's head browser (``head_browser``) for its seed-0 run (its lowest usable seed
+    when seed 0 is not usable), one at a time behind a selector; a run whose checkpoints cannot
+    be read is named instead."""
+    sec = Section("Head browser · each head's attention across training", key="head-browser")
+    res = Result(sec)
+    usable = study.status[study.status.run.isin(study.usable_runs)]
+    attention = study.table("attention")
+    options, missing = {}, []
+    for scheme in study.schemes:
+        seeds = sorted(usable[usable.scheme == scheme].seed)
+        if not seeds:
+            continue
+        seed = 0 if 0 in seeds else seeds[0]
+        cfg = experiment(study.preset, scheme, seed)
+        try:
+            fig = head_browser(cfg, study.root, scores=attention[attention.run == cfg.run.name], n_checkpoints=n_checkpoints)
+        except (CheckpointError, FileNotFoundError) as e:
+            missing.append(f"{cfg.run.name}: {e}")
+            continue
+        options[f"{scheme} (seed {seed})"] = fig
+        res.figures[f"head_browser_{scheme}"] = fig
+    if options:
+        sec.choice(options, "run", "Pick a run; in the figure, pick a head (dropdown) and a checkpoint (slider). Left: the "
+                                   "head's attention on one fixed sequence BOS + B + B (B: random tokens; an induction "
+                                   "head attends from each token of the second B to the token after its first "
+                                   "occurrence), in % of each query's attention. Right: the head's previous-token, "
+                                   "induction and duplicate-token scores at every analysed checkpoint (notebook 03), the "
+                                   "shown checkpoint dashed. At most 8 checkpoints: the first, the last and those where "
+                                   "the scores change most.")
+    else:
+        sec.note("No run's checkpoints could be read: no head browser.", "warning")
+    if missing:
+        sec.note("No head browser for: " + "; ".join(missing), "warning")
+    return res
+
+
 def figures_dir(preset: str, root: str | Path) -> Path:
     return resolve_root(root) / "figures" / preset
 
 
+def _csv_section(study: Study, table_dir: Path, report_dir: Path, names: list[str]) -> Section:
+    sec = Section("All tables (CSV)", folded=True, key="csv")
+    rel = Path(os.path.relpath(table_dir, report_dir))
+    sec.links([(f"{n}.csv", (rel / f"{n}.csv").as_posix()) for n in sorted(names)],
+              f"Every table behind the report, one CSV each, in {table_dir} (each table shown above also links its own "
+              f"CSV, in the report_tables folder beside the report). Tests of every scheme pair are in the *_all_pairs "
+              f"files only.")
+    return sec
+
+
 def save_outputs(study: Study, results: list[Result], static: bool = True) -> dict[str, Path]:
     """Write every figure to ``figures/<preset>/07_<name>.html`` (+PNG/SVG when possible), every
-    table to ``data/compare/<preset>/<name>.csv``, and ``figures/<preset>/report.html``."""
+    table to ``data/compare/<preset>/<name>.csv``, the main figures (those of ``findings``) as
+    JSON for ``make figures``, and ``figures/<preset>/report.html``: the sections in the order of
+    ``results``, then the list of CSVs."""
     out_dir = figures_dir(study.preset, study.root)
     table_dir = study.root / "data" / "compare" / study.preset
     table_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
+    written, names, main = {}, [], {}
     for r in results:
         for name, fig in r.figures.items():
+            if name.startswith("head_browser_"):
+                continue  # shown in the report only (each is one run, not the comparison)
             written[name] = plots.save_figure(fig, out_dir / f"07_{name}", static=static, self_contained=True)[0]
+            if name.startswith("finding_"):
+                main[name] = fig
         for name, t in r.tables.items():
             t.to_csv(table_dir / f"{name}.csv", index=False)
+            names.append(name)
+    seeds = ",".join(str(k) for k in study.seeds)
+    command = f"python -m initmi_utils.pipeline --preset {shlex.quote(study.preset)} --seeds {seeds}"
+    study_text = (f"preset {study.preset}, schemes {', '.join(study.schemes)}, seeds {seeds}, "
+                  f"{len(study.usable_runs)} usable runs")
+    if main:
+        written["main_figures"] = plots.save_main_figures(main, out_dir, study_text, command)
     meta = (f"preset {study.preset} · schemes {', '.join(study.schemes)} · seeds {list(study.seeds)}"
             f" · {len(study.usable_runs)} usable runs")
+    sections = [r.section for r in results] + [_csv_section(study, table_dir, out_dir, names)]
     written["report"] = write_report(out_dir / "report.html", f"initmi · does initialisation change the mechanism? "
-                                     f"({study.preset})", [r.section for r in results], meta)
+                                     f"({study.preset})", sections, meta)
     return written
 
 
@@ -171,5 +244,6 @@ def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8,
     r3 = rq3(study, r1.tables.get("emergence"), early_fraction, n_perm=n_perm, seed=seed, reference=reference,
              alpha=alpha)
     r4 = persistence(study)
-    results = [r0, headline(study, r1, r2), r1, r2, r3, r4]
+    found = findings(study, r1, r2, r3, emergence_threshold, reference, alpha)
+    results = [found, head_browsers(study), r0, headline(study, r1, r2), r1, r2, r3, r4]
     return results, save_outputs(study, results, static)

@@ -366,20 +366,6 @@ def execute(job: Job, kernel: str, warm: WarmKernel | None = None, grid: str = "
         lease.release()
 
 
-def sign(path: Path) -> None:
-    """Trust an executed notebook, as ``jupyter trust`` does: JupyterLab then runs its outputs'
-    scripts (the circuitsvis views) instead of stripping them. The notebook is the user's own
-    computation; the signature goes to the notary database of the user running this process."""
-    import nbformat
-    from nbformat.sign import NotebookNotary
-
-    notary = NotebookNotary()
-    try:
-        notary.sign(nbformat.read(path, as_version=4))
-    finally:
-        notary.store.close()
-
-
 def needs_donor(schemes: list[str], notebooks: list[Notebook]) -> bool:
     """Whether the selected work needs the ``seeded`` scheme's donors: training a ``seeded`` run
     does, and so does every run's persistence analysis (a notebook declaring

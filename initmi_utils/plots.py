@@ -7,13 +7,31 @@ never disagree with the table printed next to it.
 
 ``save_figure`` writes each figure as one self-contained HTML file (plotly.js inlined, never the
 CDN, so it opens offline) and, only when kaleido *and* a browser for it are already installed,
-as PNG and SVG too; otherwise it prints a one-line notice once. Nothing is downloaded.
+as PNG and SVG too; otherwise it prints a one-line notice once. Nothing is downloaded: kaleido is
+given the browser it finds (``BROWSER_PATH``, else Chromium/Chrome on the PATH) and no MathJax,
+whose default is a CDN.
+
+Figures for papers: the comparison saves its main figures (the one figure beside each research
+question's findings) as plotly JSON with a manifest, and ::
+
+    python -m initmi_utils.plots --preset quick        # what `make figures PRESET=quick` runs
+
+exports them to ``figures/<preset>/paper/<name>.svg`` and ``.png``, each stating the machine (CPU
+model, cores) and the command that produced it; without kaleido or a browser it prints one line
+saying what to install.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
+import json
 import os
+import platform
+import shlex
 import shutil
+import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +41,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from initmi_utils.config import resolve_root
 from initmi_utils.io import atomic_write_text
 
 TEMPLATE = "plotly_white"
@@ -214,30 +233,80 @@ def line_figure(df: pd.DataFrame, title: str, x: str = "step", y: str = "value",
     return fig
 
 
+def stacked_counts(df: pd.DataFrame, x: str, color: str, value: str, title: str, x_order: Sequence[str] | None = None,
+                   color_order: Sequence[str] | None = None, names: dict[str, str] | None = None) -> go.Figure:
+    """Stacked bars: per ``x`` (e.g. scheme), the ``value`` (e.g. runs) of each ``color``
+    category (e.g. copying mechanism); ``names`` gives the legend's words for the categories."""
+    names = names or {}
+    xs = list(x_order) if x_order is not None else list(dict.fromkeys(df[x]))
+    cats = list(color_order) if color_order is not None else list(dict.fromkeys(df[color]))
+    colors = scheme_colors(cats)
+    fig = go.Figure()
+    for c in cats:
+        g = df[df[color] == c].set_index(x)[value]
+        fig.add_trace(go.Bar(x=xs, y=[float(g.get(v, 0)) for v in xs], name=names.get(c, str(c)),
+                             marker_color=colors[c], hovertemplate=f"%{{x}}: %{{y}} ({names.get(c, c)})<extra></extra>"))
+    fig.update_layout(template=TEMPLATE, barmode="stack", title=dict(text=title, font=dict(size=14)), yaxis_title=value,
+                      showlegend=True, legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0), height=420)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving.
 
 _NOTICE_SHOWN = False
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+INSTALL_HINT = ("to export PNG/SVG install kaleido >= 1 (pip install 'kaleido>=1') and a Chromium "
+                "(Debian/Ubuntu: apt-get install chromium), or set BROWSER_PATH to a Chrome/Chromium")
+
+
+def static_browser() -> str | None:
+    """The browser kaleido may use: ``BROWSER_PATH``, else the first Chromium/Chrome on the PATH.
+    Never one kaleido would download."""
+    path = os.environ.get("BROWSER_PATH")
+    if path:
+        return path if Path(path).is_file() else None
+    return next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+
+
 def static_export_status() -> tuple[bool, str]:
     """Whether PNG/SVG export can run *without downloading anything*, and why not.
 
-    kaleido >= 1 drives an installed Chrome/Chromium (found via ``BROWSER_PATH`` or the usual
-    names); kaleido 0.x bundles its own. We never call ``kaleido.get_chrome`` (a download).
+    kaleido >= 1 drives an installed Chrome/Chromium (``static_browser``); kaleido 0.x bundles
+    its own. We never call ``kaleido.get_chrome`` (a download).
     """
     try:
-        import kaleido  # noqa: F401
-    except ImportError:
+        version = metadata.version("kaleido")
+    except metadata.PackageNotFoundError:
         return False, "kaleido is not installed"
-    version = getattr(kaleido, "__version__", "0")
-    if int(str(version).split(".")[0] or 0) < 1:
+    if int(version.split(".")[0] or 0) < 1:
         return True, f"kaleido {version} (bundled browser)"
-    browser = os.environ.get("BROWSER_PATH") or next(
-        (b for b in ("chromium", "chromium-browser", "google-chrome", "chrome") if shutil.which(b)), None)
+    browser = static_browser()
     if not browser:
         return False, f"kaleido {version} found but no Chrome/Chromium for it"
     return True, f"kaleido {version} with {browser}"
+
+
+def write_static(items: Sequence[tuple[go.Figure, Path]]) -> list[Path]:
+    """Write each (figure, path) as an image in one kaleido session (the format is the path's
+    suffix: .png, .svg, .pdf), with the browser of ``static_browser`` and MathJax off (its
+    default is a CDN). Raises when kaleido or the browser fails; call ``static_export_status`` first."""
+    import kaleido  # imported only when exporting: it starts nothing, but pulls in choreographer
+
+    if int(metadata.version("kaleido").split(".")[0]) < 1:
+        for fig, path in items:
+            fig.write_image(path)
+        return [Path(p) for _, p in items]
+    specs = []
+    for fig, path in items:
+        layout = fig.layout
+        specs.append(dict(fig=fig.to_dict(), path=str(path),
+                          opts=dict(format=Path(path).suffix.lstrip("."), width=layout.width or 900,
+                                    height=layout.height or 520)))
+    kaleido.write_fig_from_object_sync(specs, kopts=dict(path=static_browser(), mathjax=False))
+    return [Path(p) for _, p in items]
 
 
 def _shared_plotlyjs(html: Path) -> str:
@@ -267,21 +336,115 @@ def save_figure(fig: go.Figure, path: str | Path, static: bool = True, self_cont
     path.parent.mkdir(parents=True, exist_ok=True)
     html = path.with_suffix(".html")
     plotlyjs = True if self_contained else _shared_plotlyjs(html)
-    atomic_write_text(html, fig.to_html(include_plotlyjs=plotlyjs, full_html=True))
+    atomic_write_text(html, fig.to_html(include_plotlyjs=plotlyjs, full_html=True, auto_play=False))
     written = [html]
     if static:
         ok, why = static_export_status()
         if ok:
-            for ext in (".png", ".svg"):
-                try:
-                    fig.write_image(path.with_suffix(ext))
-                    written.append(path.with_suffix(ext))
-                except Exception as e:  # a broken kaleido must not lose the HTML figures
-                    if not _NOTICE_SHOWN:
-                        print(f"note: PNG/SVG export failed ({type(e).__name__}: {e}); HTML figures only.")
-                        _NOTICE_SHOWN = True
-                    break
+            try:
+                written += write_static([(fig, path.with_suffix(ext)) for ext in (".png", ".svg")])
+            except Exception as e:  # a broken kaleido must not lose the HTML figures
+                if not _NOTICE_SHOWN:
+                    print(f"note: PNG/SVG export failed ({type(e).__name__}: {e}); HTML figures only.")
+                    _NOTICE_SHOWN = True
         elif not _NOTICE_SHOWN:
             print(f"note: PNG/SVG export skipped ({why}); HTML figures only.")
             _NOTICE_SHOWN = True
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures for papers.
+
+MAIN_MANIFEST = "main_figures.json"
+
+
+def machine() -> str:
+    """This machine in a few words: CPU model and logical cores (Linux: /proc/cpuinfo)."""
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def save_main_figures(figures: dict[str, go.Figure], folder: str | Path, study: str, command: str) -> Path:
+    """Keep the report's main figures for ``make figures``: each as plotly JSON
+    (``<folder>/07_<name>.json``) and a manifest naming them with the study they show, the
+    command and the machine that computed them. Returns the manifest's path."""
+    folder = Path(folder)
+    files = {}
+    for name, fig in figures.items():
+        atomic_write_text(folder / f"07_{name}.json", fig.to_json())
+        files[name] = f"07_{name}.json"
+    manifest = dict(figures=files, study=study, command=command, machine=machine(),
+                    created=_dt.datetime.now().isoformat(timespec="seconds"))
+    atomic_write_text(folder / MAIN_MANIFEST, json.dumps(manifest, indent=1))
+    return folder / MAIN_MANIFEST
+
+
+def stamp(fig: go.Figure, lines: Sequence[str]) -> go.Figure:
+    """A copy of ``fig`` with ``lines`` written small under the plot (what made the figure)."""
+    fig = go.Figure(fig)
+    bottom = (fig.layout.margin.b if fig.layout.margin and fig.layout.margin.b is not None else 80)
+    fig.add_annotation(text="<br>".join(lines), xref="paper", yref="paper", x=0, y=0, xanchor="left", yanchor="top",
+                       yshift=-(bottom - 14 * len(lines) - 6), showarrow=False, align="left",
+                       font=dict(size=9, color="#666"))
+    fig.update_layout(margin=dict(b=bottom + 14 * len(lines) + 10))
+    return fig
+
+
+def export_main_figures(preset: str, root: str | Path | None = None, command: str = "") -> list[Path]:
+    """``figures/<preset>/paper/<name>.svg`` and ``.png`` of every main figure in the manifest,
+    each stamped with its study, the comparison's command and machine, and ``command`` run here
+    on this machine. Raises ``FileNotFoundError`` (saying what to run) without a manifest and
+    ``RuntimeError`` (saying what to install) without kaleido or a browser."""
+    folder = resolve_root(root) / "figures" / preset
+    manifest_path = folder / MAIN_MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no {manifest_path}: run the comparison first (make reproduce PRESET={preset}, or "
+                                f"notebook 07 with preset={preset}).")
+    ok, why = static_export_status()
+    if not ok:
+        raise RuntimeError(f"{why}: {INSTALL_HINT}.")
+    manifest = json.loads(manifest_path.read_text())
+    out = folder / "paper"
+    out.mkdir(parents=True, exist_ok=True)
+    here = f"exported by `{command}` on {machine()}, {_dt.date.today().isoformat()}" if command else \
+        f"exported on {machine()}, {_dt.date.today().isoformat()}"
+    lines = [f"initmi · {manifest['study']}", f"computed by `{manifest['command']}` on {manifest['machine']}", here]
+    items = []
+    for name, file in manifest["figures"].items():
+        fig = stamp(go.Figure(json.loads((folder / file).read_text())), lines)
+        items += [(fig, out / f"{name}{ext}") for ext in (".svg", ".png")]
+    return write_static(items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m initmi_utils.plots --preset P [--root DIR]``: the report's main figures as SVG and PNG."""
+    parser = argparse.ArgumentParser(prog="python -m initmi_utils.plots",
+                                     description="Export the report's main figures to SVG and PNG (kaleido + Chromium).")
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--root", default="", help="project root (default: this project)")
+    parser.add_argument("--command", default="", help="the command to name on the figures (default: this one)")
+    args = parser.parse_args(argv)
+    command = args.command or "python -m initmi_utils.plots " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    ok, why = static_export_status()
+    if not ok:
+        print(f"figures not exported: {why}; {INSTALL_HINT}.", file=sys.stderr)
+        return 1
+    try:
+        written = export_main_figures(args.preset, args.root or None, command)
+    except FileNotFoundError as e:
+        print(f"figures not exported: {e}", file=sys.stderr)
+        return 1
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -219,7 +219,7 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
         seed: int = 0, reference: str = REFERENCE, alpha: float = ALPHA) -> Result:
     """RQ1's section. ``n_boot`` is unused (intervals are t- and order-statistic intervals now);
     it is accepted so that existing calls keep working."""
-    sec = Section("RQ1 · Training and emergence")
+    sec = Section("RQ1 · Training and emergence", folded=True)
     res = Result(sec)
     metrics = section_table(study, sec, "metrics", ["val_loss", "val_acc_induction"], "Runs with completed training")
     if metrics.empty:

@@ -14,7 +14,8 @@ runs can reach the same loss by different circuits, and only the matched views t
   cross-run comparison of heads is invariant to permuting heads within a layer (profiles sorted
   within layer, roles compared as counts per layer).
 - Scalar mechanism features (localisation indices, logit-lens first rank-1 layer, the induction
-  circuit): mean [95% t-interval] per scheme; per feature a Kruskal–Wallis test across schemes,
+  circuit, the number of last-layer heads with the induction role): mean [95% t-interval] per
+  scheme; per feature a Kruskal–Wallis test across schemes,
   then each scheme against the reference scheme (permutation test on the difference of means,
   exact at 5 v 5), Holm within the base family and within the seeded family; all pairs in the
   CSV only (``inference`` describes the procedure).
@@ -156,6 +157,20 @@ def head_roles(attention: pd.DataFrame, threshold: float = 0.4) -> pd.DataFrame:
     wide["role"] = np.where(top >= threshold, np.array(names)[best], "other")
     wide["score"] = np.where(np.isfinite(top), top, np.nan)
     return wide[["run", "scheme", "seed", "step", "layer", "head", "role", "score"]]
+
+
+def induction_heads(roles: pd.DataFrame) -> pd.DataFrame:
+    """Per run: how many heads of the last layer have the induction role (``head_roles``), as the
+    feature ``induction heads in the last layer`` (one induction head, or induction spread over
+    several)."""
+    cols = ["run", "scheme", "seed", "step", "feature", "metric", "value"]
+    if roles.empty:
+        return pd.DataFrame(columns=cols)
+    last = roles[roles.layer == roles.layer.max()]
+    n = last.assign(value=(last.role == "induction").astype(float)) \
+        .groupby(["run", "scheme", "seed", "step"], as_index=False).value.sum()
+    name = "induction heads in the last layer"
+    return n.assign(feature=name, metric=name)[cols]
 
 
 def role_strings(roles: pd.DataFrame) -> pd.DataFrame:
@@ -463,6 +478,8 @@ def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, mat
         res.figures[f"rq2_{key}_ablation"] = fig
         sec.figure(fig, "Ablation effect matrices side by side (red: ablating the head hurts).")
     scalars = mechanism_scalars(study, matched)
+    if len(roles):
+        scalars = pd.concat([scalars, induction_heads(roles)], ignore_index=True)
     if len(scalars):
         summ, omni, tests, pairs = scalar_tests(scalars, study.schemes, reference, n_perm, seed, alpha)
         res.tables[f"{key}_mechanism"] = summ
@@ -474,7 +491,8 @@ def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, mat
             .pivot_table(index="feature", columns="scheme", values="cell", aggfunc="first", sort=False)
         wide = wide[[s for s in study.schemes if s in wide.columns]].reset_index()
         sec.table(wide, f"{label}: localisation indices (top-1 share and entropy of |effects|), logit-lens first "
-                        f"rank-1 layer and the induction circuit per scheme, {MEAN_CI_SENTENCE} (n seeds).")
+                        f"rank-1 layer, the induction circuit and the number of last-layer heads with the induction "
+                        f"role (score ≥ {role_threshold}) per scheme, {MEAN_CI_SENTENCE} (n seeds).")
         show_scheme_tests(sec, omni, tests, f"{label}: mechanism features", PAIR_NAME["mean"],
                           f"{key}_mechanism_tests_all_pairs", alpha, by="feature")
 
@@ -516,7 +534,7 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
         reference: str = REFERENCE, alpha: float = ALPHA, emergence_threshold: float = 0.8) -> Result:
     """RQ2's section. ``n_boot`` is unused (intervals are t-intervals now); it is accepted so
     that existing calls keep working."""
-    sec = Section("RQ2 · Mechanisms at step- and loss-matched checkpoints")
+    sec = Section("RQ2 · Mechanisms at step- and loss-matched checkpoints", folded=True)
     res = Result(sec)
     for name, mets in (("attention", list(ROLE_METRICS.values())), ("ablation", [ablation_metric]),
                        ("patching", ["localisation_top1_share"]), ("logit_lens", ["first_rank1_layer"]),
@@ -602,7 +620,7 @@ def persistence(study: Study, n_boot: int | None = None, seed: int = 0) -> Resul
     are the baseline (their similarity to a donor they never saw is what chance looks like).
     Means over seeds with t-intervals; ``n_boot`` and ``seed`` are unused (kept for existing calls)."""
 
-    sec = Section("Persistence · do the seeded head slots keep the donor's role?")
+    sec = Section("Persistence · do the seeded head slots keep the donor's role?", folded=True)
     res = Result(sec)
     table = section_table(study, sec, "persistence", PERSISTENCE_METRICS, "Runs with a persistence table")
     if table.empty:

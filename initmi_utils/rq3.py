@@ -104,7 +104,7 @@ def rq3(study: Study, em: pd.DataFrame | None, early_fraction: float = 0.1, n_bo
         n_perm: int = 10_000, seed: int = 0, reference: str = REFERENCE, alpha: float = ALPHA) -> Result:
     """RQ3's section. ``n_boot`` is unused (intervals are t-intervals now); it is accepted so
     that existing calls keep working."""
-    sec = Section("RQ3 · Geometry")
+    sec = Section("RQ3 · Geometry", folded=True)
     res = Result(sec)
     geo = section_table(study, sec, "geometry", ["resid_norm", "effective_rank", "drift"], "Runs with a geometry table")
     if geo.empty:

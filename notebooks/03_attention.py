@@ -8,8 +8,11 @@
 # `transformer_lens.head_detector` in `tests/test_attention.py`).
 #
 # Writes the table `attention` (run, scheme, seed, preset, step, layer, head, metric, value) and one
-# heatmap per score over training to the run's figures folder; ends with a circuitsvis view of the
-# final checkpoint that renders offline (the bundled JavaScript is inlined, no CDN).
+# heatmap per score over training to the run's figures folder. The **head browser** then shows each
+# head's attention pattern on one fixed short sequence across training (a slider over up to 8
+# analysed checkpoints, a dropdown for the head, the head's scores over training beside it); a
+# circuitsvis view of the final checkpoint follows, which renders offline (the bundled JavaScript is
+# inlined, no CDN) once the notebook is trusted (the pipeline signs what it executes).
 #
 # **Which copying mechanism?** From a second forward pass on validation sequences (where the distance
 # between the two copies varies): the attention mass at every offset from the earlier copy of the query's
@@ -30,6 +33,7 @@ n_examples: int = 64  # repeated-random sequences the scores are averaged over
 view_example: int = 0  # which sequence the circuitsvis view of the final checkpoint shows
 persistence_checkpoints: int = 6  # checkpoints (evenly spaced, first and last included) scored against the seeded donor
 n_offset_sequences: int = 64  # validation sequences for the copy-offset profiles and the mechanism label
+browser_checkpoints: int = 8  # checkpoints on the head browser's slider (the first, the last, those where scores change most)
 
 # %%
 from initmi_utils.attention import METRICS, scores_grid_figure
@@ -38,6 +42,7 @@ from initmi_utils.checkpoints import list_checkpoints
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.donor import donor_metrics
 from initmi_utils.donor_persistence import tables as persistence_tables
+from initmi_utils.head_browser import head_browser
 from initmi_utils.plots import line_figure, save_figure
 from initmi_utils.tables import write_table
 from initmi_utils.train import checkpoint_schedule
@@ -64,6 +69,21 @@ scores[scores.step == final].pivot_table(index=["layer", "head"], columns="metri
 # %%
 fig = scores_grid_figure(scores, METRICS, title=f"{cfg.run.name} ({preset}): attention scores per head over training")
 save_figure(fig, paths.figures / "03_attention_scores")
+fig.show()
+
+# %% [markdown]
+# ## Head browser: each head's attention across training
+#
+# Left, the chosen head's attention on BOS + B + B (B: the first 12 tokens of the first diagnostic
+# sequence, the same for every run) at the slider's checkpoint, in % of each query's attention: an
+# induction head attends from each token of the second B to the token after its first occurrence (a
+# stripe one above the diagonal of the lower-left block), a previous-token head to the token just before.
+# Right, the head's previous-token, induction and duplicate-token scores at every analysed checkpoint,
+# the slider's checkpoint dashed. Pick the head in the dropdown.
+
+# %%
+fig = head_browser(cfg, root, scores=scores, n_checkpoints=browser_checkpoints)
+save_figure(fig, paths.figures / "03_head_browser", static=False)
 fig.show()
 
 # %% [markdown]

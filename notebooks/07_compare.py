@@ -3,19 +3,22 @@
 #
 # Reads every run's tables of a preset (`tables.read_table`, one schema) and answers:
 #
-# - **RQ1** training and emergence: curves per scheme with seed bands; emergence step with 95% bootstrap CI;
-#   survival curve (never-emerged seeds counted);
+# - **RQ1** training and emergence: curves per scheme with seed bands; emergence step as median with its
+#   order-statistic interval; survival curve (never-emerged seeds counted);
 # - **RQ2** mechanisms at step-matched and loss-matched checkpoints: the copying mechanism of every run (classic
 #   induction vs long-offset recall, from table `offsets`) with accuracy on short vs long copies, head roles,
-#   ablation matrices, localisation, and the "similar loss, different minds" table (ablation-profile distance,
-#   head-role disagreement, residual CKA);
+#   ablation matrices, localisation, induction heads per run, and the "similar loss, different minds" table
+#   (ablation-profile distance, head-role disagreement, residual CKA);
 # - **RQ3** geometry trajectories with seed bands; early geometry vs emergence step;
 # - **persistence** of the `seeded` scheme's donor heads, against the same head slots under the other schemes.
 #
-# Statistics: mean ± 95% bootstrap CI over seeds, pairwise permutation tests with Holm correction, n seeds always
-# shown (`initmi_utils.compare` documents each choice). Missing or failed runs are named, not silently averaged away.
-# Writes `figures/<preset>/07_*.html`, `figures/<preset>/report.html` (one offline file) and the tables as CSV under
-# `data/compare/<preset>/`.
+# Then the **findings**: a few sentences per question written from those tables (effect, interval, n, the test
+# and its p; "no difference" or "not supported" where the tests do not show one), and a **head browser** per
+# scheme (its seed-0 run). Statistics: means with 95% t-intervals over seeds, an omnibus test across schemes,
+# then each scheme against `normal` with Holm; n seeds always shown (`initmi_utils.compare` documents each
+# choice). Missing or failed runs are named, not silently averaged away. Writes `figures/<preset>/07_*.html`,
+# `figures/<preset>/report.html` (one offline file: findings first, the evidence in folded sections), the main
+# figures as JSON for `make figures`, and the tables as CSV under `data/compare/<preset>/`.
 
 # %% tags=["parameters"]
 preset: str = "quick"  # smoke | quick | full: which preset's runs to compare
@@ -63,5 +66,12 @@ persistence.section.show()
 # %%
 headline = compare.headline(study, rq1, rq2)
 headline.section.show()
-written = compare.save_outputs(study, [overview, headline, rq1, rq2, rq3, persistence])
+
+# %%
+findings = compare.findings(study, rq1, rq2, rq3, emergence_threshold)
+findings.section.show()
+
+# %%
+browsers = compare.head_browsers(study)
+written = compare.save_outputs(study, [findings, browsers, overview, headline, rq1, rq2, rq3, persistence])
 print("report:", written["report"])

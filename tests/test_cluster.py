@@ -235,7 +235,7 @@ def test_a_smoke_grid_on_a_scheduler_survives_a_worker_killed_mid_notebook(sched
                             and json.loads(lease.read_text()), 600, "normal's training to start")
             victim, kernel = pids[held["owner"]], held["kernel_pid"]
             os.kill(victim, signal.SIGKILL)
-        out, _ = grid.communicate(timeout=1800)
+        out, _ = grid.communicate(timeout=3600)
     finally:
         if grid.poll() is None:
             grid.kill()

@@ -457,8 +457,8 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     omni = r2.tables["step_mechanism_omnibus"]
     assert (omni.test == "Kruskal–Wallis").all() and len(r2.tables["step_mechanism_tests"]) == 6 * len(omni)
     head = C.headline(study, r1, r2).tables["headline"].set_index("scheme")
-    assert head.loc["seeded", "copying mechanism (step-matched)"].startswith("classic_induction 2 · shifted_induction 0 · long_offset_recall 3")
-    assert head.loc["mimetic", "copying mechanism (step-matched)"].startswith("classic_induction 4 · shifted_induction 1 ·")
+    assert head.loc["seeded", "copying mechanism (step-matched)"].startswith("classic induction 2 · shifted induction 0 · long-offset recall 3")
+    assert head.loc["mimetic", "copying mechanism (step-matched)"].startswith("classic induction 4 · shifted induction 1 ·")
     r3 = C.rq3(study, r1.tables["emergence"], early_fraction=500 / HORIZON, n_perm=500)
     corr = r3.tables["early_correlation"].set_index("feature")
     assert corr.loc["resid_norm L0", "rho"] == pytest.approx(1.0) and corr.loc["resid_norm L0", "p"] < 0.01
