@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from distributed import Client
 
 from initmi_utils.cluster import PRIORITY, check_workers, connect
@@ -247,7 +248,12 @@ def test_a_smoke_grid_on_a_scheduler_survives_a_worker_killed_mid_notebook(sched
     assert not [p for p in root.rglob("*") if p.name.endswith((".tmp", ".tmp.ipynb", ".lease.json"))]
     # The retried run's checkpoints are the bytes of an undisturbed run.
     undisturbed = tmp_path / "undisturbed"
-    train(experiment("smoke", "normal", 0), undisturbed, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers' kernels (Dask's nanny sets OMP_NUM_THREADS=1): bytes depend on it
+    try:
+        train(experiment("smoke", "normal", 0), undisturbed, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     clean = RunPaths.of(experiment("smoke", "normal", 0), undisturbed).checkpoints
     files = sorted(p.name for p in clean.glob("*.safetensors"))
     assert files == sorted(p.name for p in run.checkpoints.glob("*.safetensors"))
