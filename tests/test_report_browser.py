@@ -257,7 +257,8 @@ def move_head_browser_slider(c: Chromium) -> tuple[dict, dict]:
     assert before["onscreen"], f"the head browser's slider stays off screen: {before}"
     c.click(before["x"], before["y"])
     after = c.wait_for(f"(function () {{ var s = {_BROWSER_STATE % {'scroll': 'false'}}; "
-                       f"return s && s.label !== {json.dumps(before['label'])} && s; }})()", timeout=30)
+                       f"return s && s.label !== {json.dumps(before['label'])} "
+                       f"&& s.image !== {json.dumps(before['image'])} && s; }})()", timeout=60)  # drawn late under load
     return before, after or c.evaluate(_BROWSER_STATE % {"scroll": "false"})
 
 
