@@ -45,7 +45,7 @@ from initmi_utils.offsets import REPORT_ORDER
 from initmi_utils.report import Section, words
 from initmi_utils.rq1 import FINAL_METRICS, scheme_order
 from initmi_utils.rq2 import LADDER_NAMES
-from initmi_utils.rq3 import last_values
+from initmi_utils.rq3 import DEPTH_ALL, GAUSSIAN_KS_REL, MP_EDGE_SPIKE, last_values
 from initmi_utils.stats import ALPHA, family_floor, holm
 from initmi_utils.study import Result, Study
 
@@ -410,6 +410,7 @@ def rq3_finding(study: Study, r3: Result, reference: str = REFERENCE, alpha: flo
             out.append(f"No early geometry feature predicts the emergence step: the strongest, {words(r.feature)} "
                        f"(step {int(r.step)}), has Spearman ρ = {r.rho:.2f} (permutation {p_text(r.p)}, Holm over the "
                        f"{m} features {p_text(r.p_holm)}, n = {int(r.n)} runs).")
+    out += gaussianity_sentences(study, r3)
     if fig is None and shown is not None:
         feats = last_values(r3.tables["geometry_features"])
         f_summ = r3.tables["geometry_final"]
@@ -419,6 +420,71 @@ def rq3_finding(study: Study, r3: Result, reference: str = REFERENCE, alpha: flo
         caption = (f"{words(shown)} per scheme at the end of training: mean and 95% t-interval over seeds, dots are "
                    f"seeds (the geometry feature with the smallest omnibus p).")
     return Finding(q, out, fig, caption)
+
+
+def _family_counts(v: pd.DataFrame, part: str, schemes: Sequence[str], worst: str = "max", unit: str = "×") -> str:
+    """``normal 9/9, xavier 4/9 (farthest: W_E 5.1× [4.2, 6.0])``: per scheme, the families where
+    ``part`` holds, and the farthest failing one."""
+    out = []
+    for s in schemes:
+        g = v[(v.part == part) & (v.scheme == s)]
+        if g.empty:
+            continue
+        text = f"{s} {int((g.verdict == 'holds').sum())}/{len(g)}"
+        bad = g[g.verdict != "holds"]
+        if len(bad):
+            r = bad.loc[bad.value.idxmax() if worst == "max" else bad.value.idxmin()]
+            text += f" (farthest: {r.matrix} {format_ci(r.value, r.ci_low, r.ci_high)}{unit})"
+        out.append(text)
+    return joined(out)
+
+
+def gaussianity_sentences(study: Study, r3: Result) -> list[str]:
+    """The Gaussianity claim in four sentences, one per part, from ``rq3``'s verdicts: per scheme
+    the matrix families where the part holds (95% intervals over seeds), the farthest family, and
+    the depth verdict per scheme."""
+    v = r3.tables.get("gaussianity_verdicts")
+    c = r3.tables.get("gaussianity_claims")
+    if v is None or v.empty:
+        return ["The Gaussianity claim is not tested here (no gaussianity table; notebook 06 writes it)."]
+    schemes = [s for s in study.schemes if (v.scheme == s).any()]
+    final_step = int(v[v.part == "W_gaussian"].step.max())
+    criterion = (f"KS distance to the fitted Gaussian at most {GAUSSIAN_KS_REL:g}× a Gaussian sample's of the same size, "
+                 f"95% t-interval over seeds")
+    out = [f"Are trained weights Gaussian whatever the init? W's entries are Gaussian-like ({criterion}) in this many "
+           f"matrix families at init: {_family_counts(v, 'W_gaussian_init', schemes)}; and at the last checkpoint "
+           f"(step {final_step}): {_family_counts(v, 'W_gaussian', schemes)}."]
+    init_bad = v[(v.part == "W_gaussian_init") & (v.verdict == "fails")]
+    if len(init_bad) and c is not None:
+        r = init_bad.loc[init_bad.value.idxmax()]
+        k = c[(c.claim == "W_gaussian") & (c.scheme == r.scheme) & (c.matrix == r.matrix) & (c.metric == "kurtosis")]
+        at = {w: k[k.when == w] for w in ("init", "final")}
+        if all(len(x) for x in at.values()):
+            i, f = at["init"].iloc[0], at["final"].iloc[0]
+            out[-1] += (f" The least Gaussian init, {r.scheme}'s {r.matrix}, moves from excess kurtosis "
+                        f"{format_ci(i['mean'], i.ci_low, i.ci_high)} at init to {format_ci(f['mean'], f.ci_low, f.ci_high)} "
+                        f"by step {int(f.step)} (0 Gaussian, −1.2 uniform).")
+    out.append(f"Is what training added, ΔW = W − W₀, Gaussian? ΔW's entries are Gaussian-like in: "
+               f"{_family_counts(v, 'dW_gaussian', schemes)} families.")
+    iid = v[v.part == "dW_iid"]
+    spiked = iid[iid.verdict == "fails"]
+    out.append(f"Is ΔW i.i.d. noise? Its singular-value spectrum matches Marchenko–Pastur (largest eigenvalue within "
+               f"{MP_EDGE_SPIKE:g}× the MP edge and the KS distance to MP within 2× an i.i.d. matrix's) in: "
+               f"{_family_counts(v, 'dW_iid', schemes)} families"
+               + (f"; where it does not, a low-rank part stands out of the noise ({len(spiked)} of {len(iid)} "
+                  f"scheme × family pairs)." if len(spiked) else "."))
+    depth = v[(v.part == "dW_std_depth") & (v.matrix == DEPTH_ALL)]
+    if len(depth):
+        groups = {verdict: [f"{r.scheme} ({format_ci(r.value, r.ci_low, r.ci_high)})" for r in g.itertuples()]
+                  for verdict, g in depth.groupby("verdict", sort=False)}
+        n_layers = int(c[c.claim == "dW_std_depth"].n_layers.max()) if c is not None and len(c) else 0
+        parts = [f"{verdict} in {len(items)} of {len(depth)} schemes ({joined(items)})"
+                 for verdict, items in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+        out.append("Does ΔW's std grow with depth? Its log2 slope over layers (mean over the layered families, 95% "
+                   "t-interval over seeds) " + "; ".join(parts) + "."
+                   + (" With 2 layers this is one comparison per run (layer 0 vs layer 1); the 4-layer presets "
+                      "(quick4, full4) speak about depth." if n_layers == 2 else ""))
+    return out
 
 
 # =============================================================================================

@@ -46,7 +46,7 @@ from initmi_utils.stats import ALPHA
 from initmi_utils.tables import COLUMNS, read_table
 
 TABLES = ("metrics", "ladder", "behavior", "attention", "ablation", "patching", "logit_lens", "geometry", "circuits",
-          "persistence", "offsets", "paths", "evidence")
+          "gaussianity", "persistence", "offsets", "paths", "evidence")
 TRAINING_TABLES = ("metrics", "ladder")  # written by training (notebook 01)
 ANALYSIS_TABLES = tuple(t for t in TABLES if t not in TRAINING_TABLES)  # written by notebooks 02-06
 SPARSE_TABLES = ("paths",)  # no rows for a run without a copying head: absence is not a missing analysis
