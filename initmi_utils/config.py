@@ -242,6 +242,16 @@ PRESETS.update(quick4=deeper(PRESETS["quick"]), full4=deeper(PRESETS["full"]))
 PRESET_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0,), "full": (0, 1, 2, 3, 4),
                                             "quick4": (0,), "full4": (0, 1, 2, 3, 4)}
 
+# Steps a run that has not emerged by its horizon (train.steps) is trained on to (``train.train``'s
+# ``extend_to``): the study's emergence figure runs to 12k steps. Not part of the config, so an
+# extension leaves the first train.steps steps' checkpoints byte-identical.
+PRESET_EXTEND_TO: dict[str, int] = {"full": 12000, "full4": 12000}
+
+
+def extend_to(preset: str, value: int = -1) -> int:
+    """``value`` if it is >= 0 (0 = no extension), else the preset's ``PRESET_EXTEND_TO`` (0 if none)."""
+    return int(value) if value >= 0 else PRESET_EXTEND_TO.get(preset, 0)
+
 
 SCHEME_NAME = re.compile(r"[a-z][a-z0-9_]*")
 

@@ -232,34 +232,42 @@ def rq1_finding(study: Study, r1: Result, threshold: float = 0.8, reference: str
         out.append(f"Emergence is not measured: no run has the curve {HEADLINE_METRIC} (table metrics), so RQ1's "
                    f"emergence question is not answered here.")
     else:
+        em = r1.tables.get("emergence")
+        horizon = int(em.horizon.max()) if em is not None and "horizon" in em and len(em) else study.horizon
         tested = summ[~summ.scheme.isin(DONOR_SCHEMES)]
         order = scheme_order(tested)
         rows = tested.set_index("scheme")
         what = f"induction accuracy ≥ {threshold} on unambiguous targets"
         if tested.emerged.sum() == 0:
-            out.append(f"Induction ({what}) does not emerge within {study.horizon} steps in any run "
+            out.append(f"Induction ({what}) does not emerge within {horizon} steps in any run "
                        f"({', '.join(order)}).")
         elif len(order) == 1:
             out.append(f"Induction ({what}) emerges under {order[0]} "
-                       f"({_emergence_words(rows.loc[order[0]], study.horizon)}).")
+                       f"({_emergence_words(rows.loc[order[0]], horizon)}).")
         else:
             first, last = order[0], order[-1]
             out.append(f"Induction ({what}) emerges first under {first} "
-                       f"({_emergence_words(rows.loc[first], study.horizon)}) and last under {last} "
-                       f"({_emergence_words(rows.loc[last], study.horizon)}).")
+                       f"({_emergence_words(rows.loc[first], horizon)}) and last under {last} "
+                       f"({_emergence_words(rows.loc[last], horizon)}).")
         never = [f"{s} in {int(r.n - r.emerged)}/{int(r.n)} seeds" for s, r in rows.loc[order].iterrows()
                  if 0 < r.n - r.emerged and r.emerged > 0]
         if never:
-            out.append(f"Induction does not emerge within {study.horizon} steps for {joined(never)} (survival curve).")
+            out.append(f"Induction does not emerge within {horizon} steps for {joined(never)} (survival curve).")
 
         effect = emergence_effect()
         out += compare_sentences("the emergence step", r1.tables.get("emergence_omnibus"),
                                  r1.tables.get("emergence_tests", pd.DataFrame()), effect, PAIR_NAME["logrank"],
                                  reference, alpha)
+        ext = r1.tables.get("extended_runs")
+        if ext is not None and len(ext):
+            emerged = ext.emergence_step.notna()
+            out.append(f"{len(ext)} run(s) without induction by step {study.horizon} were trained on to step "
+                       f"{int(ext.last_step.max())}; {int(emerged.sum())} of them emerged there "
+                       f"({joined([f'{r.run} at {int(r.emergence_step)}' for r in ext[emerged].itertuples()]) or 'none'}).")
         seeded = summ[summ.scheme.isin(DONOR_SCHEMES)]
         for _, r in seeded.iterrows():
             out.append(f"{r.scheme} starts from a trained donor and is left out of these tests "
-                       f"({_emergence_words(r, study.horizon)}; its donor's steps are not counted).")
+                       f"({_emergence_words(r, horizon)}; its donor's steps are not counted).")
 
     final = r1.tables.get("final")
     if final is not None and len(final):

@@ -14,8 +14,14 @@
   schemes, then every scheme against the reference scheme (default ``normal``) with the
   log-rank test (exact permutation p), Holm within the base family and within the seeded family.
   All scheme pairs go to ``emergence_tests_all_pairs.csv`` only.
+- *Extended runs*: a run that had not emerged by the horizon may have been trained on (``train``'s
+  ``extend_to``). Emergence then reads the whole metrics table up to the extension's end (the
+  *emergence horizon*), but only where that censors every run alike (``common_censoring``): a
+  definition under which some run without an event by the horizon was not followed further (it
+  emerged under the headline definition, so it was not extended) is read up to the horizon.
+  Everything else is step-matched and cut at the horizon (``study.load_study``).
 - *End of training* (``val_loss``, ``val_acc_induction``, ``val_logit_diff`` at each run's last
-  step): mean with t-interval; Kruskal–Wallis across schemes, then the reference families with
+  step up to the horizon): mean with t-interval; Kruskal–Wallis across schemes, then the reference families with
   permutation tests on the difference of means.
 """
 
@@ -70,6 +76,28 @@ def emergence_by_definition(metrics: pd.DataFrame, horizon: int) -> pd.DataFrame
                              time=math.inf if never else step))
     return pd.DataFrame(rows, columns=["definition", "run", "scheme", "seed", "emergence_step", "emerged", "restricted",
                                        "time"])
+
+
+def common_censoring(em: pd.DataFrame, last_step: dict[str, int], horizon: int, extended_to: int
+                     ) -> tuple[pd.DataFrame, int]:
+    """``(em, h)``: emergence rows (``emergence`` / one definition of ``emergence_by_definition``,
+    computed on the whole metrics table) read up to a horizon ``h`` at which every run is censored
+    alike. ``h = extended_to`` when every run without an event by ``horizon`` was followed to
+    ``extended_to`` (``last_step``: each run's last evaluated step); otherwise ``h = horizon`` and
+    events after it become censored. The censored form (``time = +inf``, ``restricted = h``)
+    means "censored at h" for every run, which the log-rank test and the Kaplan–Meier curve read."""
+    if extended_to <= horizon or em.empty:
+        return em.assign(restricted=em.restricted.clip(upper=horizon)), horizon
+    late = em[~em.emerged | (em.emergence_step > horizon)]
+    if all(last_step.get(r, 0) >= extended_to for r in late.run):
+        return em.assign(restricted=np.where(em.emerged, em.emergence_step, extended_to)), extended_to
+    cut = em.emerged & (em.emergence_step > horizon)
+    out = em.copy()
+    out.loc[cut, "emergence_step"] = math.nan
+    out.loc[cut, "emerged"] = False
+    out["restricted"] = np.where(out.emerged, out.emergence_step, horizon)
+    out["time"] = np.where(out.emerged, out.emergence_step, math.inf)
+    return out, horizon
 
 
 def scheme_order(summary: pd.DataFrame) -> list[str]:
@@ -192,16 +220,22 @@ def compute_matched(study: Study, em: pd.DataFrame) -> pd.DataFrame:
                                        "total_steps_all_candidates", "total_flops", "student_flops_per_step"])
 
 
-def _robustness(study: Study, sec: Section, res: Result, metrics: pd.DataFrame) -> None:
+def _robustness(study: Study, sec: Section, res: Result, metrics: pd.DataFrame, last_step: dict[str, int]) -> None:
     """Emergence under every definition, the scheme order under each, and whether any two schemes
     with non-overlapping intervals swap between definitions."""
-    byd = emergence_by_definition(metrics, study.horizon)
+    raw = emergence_by_definition(metrics, study.emergence_horizon)
+    parts, horizons = [], {}
+    for d in EMERGENCE_DEFINITIONS:
+        part, horizons[d] = common_censoring(raw[raw.definition == d], last_step, study.horizon,
+                                             study.emergence_horizon)
+        parts.append(part.assign(horizon=horizons[d]))
+    byd = pd.concat(parts, ignore_index=True)
     summaries = {d: emergence_summary(byd[byd.definition == d], study.schemes) for d in EMERGENCE_DEFINITIONS}
     swaps = ordering_swaps(summaries)
     table = pd.concat([s.assign(definition=d) for d, s in summaries.items()], ignore_index=True)
     res.tables.update(emergence_definitions=byd, emergence_definition_summary=table, emergence_ordering_swaps=swaps)
     sec.heading("Does the definition of emergence decide the answer?")
-    rows = [{"definition": d, "order (first to emerge → last)": " < ".join(scheme_order(s)),
+    rows = [{"definition": d, "read up to step": horizons[d], "order (first to emerge → last)": " < ".join(scheme_order(s)),
              **{sch: format_ci(*r) for sch, r in zip(s.scheme, s[["median", "median_low", "median_high"]].values)}}
             for d, s in summaries.items()]
     sec.table(pd.DataFrame(rows), f"Median emergence step [order-statistic interval] per scheme under each definition "
@@ -235,10 +269,14 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
                     f"that step; legend gives n seeds.")
 
     if (metrics.metric == HEADLINE_METRIC).any():
-        grid = evaluation_grid(metrics, PRESETS[study.preset].train.eval_every)  # every run's evaluation steps
-        em = emergence(grid, emergence_threshold, study.horizon)
+        # every run's evaluation steps, past the horizon for runs trained on (extended)
+        grid = evaluation_grid(study.extended_metrics, PRESETS[study.preset].train.eval_every)
+        last_step = grid.groupby("run").step.max().to_dict()
+        em, horizon = common_censoring(emergence(grid, emergence_threshold, study.emergence_horizon), last_step,
+                                       study.horizon, study.emergence_horizon)
+        em = em.assign(horizon=horizon)
         summ = emergence_summary(em, study.schemes)
-        surv = survival_curves(em, study.horizon, study.schemes)
+        surv = survival_curves(em, horizon, study.schemes)
         # A seeded run starts from a trained donor: its student steps are not comparable, so it
         # is left out of the step-matched emergence tests (its donor's compute is not counted).
         tested = [s for s in study.schemes if s != "seeded"]
@@ -247,22 +285,31 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
                           emergence_tests=tests, emergence_tests_all_pairs=pairs)
         sec.heading(f"Emergence: first evaluated step with induction accuracy ≥ {emergence_threshold} on unambiguous "
                     f"targets (the query token occurs once before it)")
+        ext = study.extended_runs
+        if len(ext):
+            ext = ext.merge(em[["run", "emergence_step"]], on="run", how="left")
+            res.tables["extended_runs"] = ext
+            sec.text(f"{len(ext)} run(s) had not emerged by the horizon ({study.horizon} steps) and were trained on to "
+                     f"step {study.emergence_horizon}: " + ", ".join(
+                         f"{r.run} ({'emerged at ' + str(int(r.emergence_step)) if r.emergence_step == r.emergence_step else 'never'})"
+                         for r in ext.itertuples()) + f". Emergence is read up to step {horizon}; every other view "
+                     f"stops at the horizon.")
         fig = plots.survival_figure(surv, f"Fraction of seeds emerged by step t (threshold {emergence_threshold})",
                                     study.colors)
         res.figures["rq1_survival"] = fig
         sec.figure(fig, "Kaplan–Meier fraction emerged by step t: runs that never emerged are censored at the horizon "
                         "and stay in the denominator (legend: n, never).")
         pts = em.assign(value=em.restricted)
-        drawn = summ.assign(mean=summ["median"].clip(upper=study.horizon), ci_low=summ.median_low,
-                            ci_high=summ.median_high.clip(upper=study.horizon))
+        drawn = summ.assign(mean=summ["median"].clip(upper=horizon), ci_low=summ.median_low,
+                            ci_high=summ.median_high.clip(upper=horizon))
         fig = plots.interval_figure(drawn, f"Emergence step per scheme: median and order-statistic interval "
-                                           f"(never = horizon {study.horizon})", "emergence step",
+                                           f"(never = horizon {horizon})", "emergence step",
                                     colors=study.colors, points=pts)
         fig.for_each_trace(lambda t: t.update(name=t.name.replace("mean, 95% CI", "median, [min, max]")))
         res.figures["rq1_emergence"] = fig
         sec.figure(fig, f"Emergence steps are skewed and censored: diamond = median, bar = order-statistic interval "
                         f"[min, max] over seeds (level 1 − 2·0.5ⁿ, 93.75% at n = 5); a bar or median drawn at the "
-                        f"horizon {study.horizon} is 'not reached' (a run never emerged); dots are seeds (never = "
+                        f"horizon {horizon} is 'not reached' (a run never emerged); dots are seeds (never = "
                         f"horizon).")
         show = summ.assign(
             **{"emerged (k/n)": summ.emerged.astype(str) + "/" + summ.n.astype(str),
@@ -280,7 +327,7 @@ def rq1(study: Study, emergence_threshold: float = 0.8, n_boot: int | None = Non
         show_scheme_tests(sec, omni, tests, "Emergence step (seeded runs excluded: their donor's steps are not "
                           "counted)", PAIR_NAME["logrank"] + "; z < 0: the scheme emerges later than the reference",
                           "emergence_tests_all_pairs", alpha)
-        _robustness(study, sec, res, grid)
+        _robustness(study, sec, res, grid, last_step)
         cm = compute_matched(study, em)
         if len(cm):
             res.tables["seeded_compute"] = cm

@@ -2,7 +2,10 @@
 
 ``load_study`` reads every table of a preset through ``tables.read_table`` (one schema),
 classifies each expected run (``run_status``: ok, missing, incomplete, failed notebook, partial)
-and keeps only the runs whose training completed; the ``rq1``-``rq3`` modules are plain
+and keeps only the runs whose training completed. Runs that had not emerged by the horizon may be
+trained on (``train``'s ``extend_to``): every table is cut at the horizon, so that every
+step-matched view compares runs at the same steps, and only emergence and survival read the
+whole metrics table (``Study.extended_metrics``, ``Study.extended_runs``); the ``rq1``-``rq3`` modules are plain
 functions of the ``Study`` it returns, so the notebook is a list of calls and the report shows
 exactly what they return.
 
@@ -133,10 +136,25 @@ class Study:
     status: pd.DataFrame
     schemes: list[str] = field(default_factory=list)
     seeds: tuple[int, ...] = ()  # the seeds the grid promises (``grid_seeds``)
+    extended_metrics: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=COLUMNS))
 
     @property
     def horizon(self) -> int:
+        """The preset's training steps: every step-matched view reads steps up to here."""
         return PRESETS[self.preset].train.steps
+
+    @property
+    def extended_runs(self) -> pd.DataFrame:
+        """Runs trained past the horizon (not emerged by it): ``run, scheme, seed, last_step``."""
+        m = self.extended_metrics
+        last = m.groupby(["run", "scheme", "seed"], as_index=False).step.max().rename(columns={"step": "last_step"})
+        return last[last.last_step > self.horizon].reset_index(drop=True)
+
+    @property
+    def emergence_horizon(self) -> int:
+        """The last step any run was trained to: the horizon, or the extension's end."""
+        m = self.extended_metrics
+        return max(self.horizon, int(m.step.max()) if len(m) else 0)
 
     @property
     def colors(self) -> dict[str, str]:
@@ -165,11 +183,13 @@ def load_study(preset: str, root: str | Path, seeds: Sequence[int] | None = None
     raw = {name: read_table(preset, name, root) for name in TABLES}
     status = run_status(preset, root, raw, seeds)
     usable = set(status[status.status.isin(["ok", "partial", "failed notebook"])].run)
-    tables = {n: t[t.run.isin(usable)].reset_index(drop=True) for n, t in raw.items()}
+    horizon = PRESETS[preset].train.steps
+    tables = {n: t[t.run.isin(usable) & (t.step <= horizon)].reset_index(drop=True) for n, t in raw.items()}
+    extended = raw["metrics"][raw["metrics"].run.isin(usable)].reset_index(drop=True)
 
     present = set(status.scheme)
     schemes = [s for s in SCHEMES if s in present] + sorted(present - set(SCHEMES))
-    return Study(preset, root, tables, status, schemes, grid_seeds(preset, seeds))
+    return Study(preset, root, tables, status, schemes, grid_seeds(preset, seeds), extended)
 
 
 

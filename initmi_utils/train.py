@@ -13,6 +13,16 @@ Checkpoints: step 0, log-spaced steps, every ``ckpt_every`` steps, the final ste
 around emergence, every evaluation at which induction accuracy moved by >= ``ADAPTIVE_DELTA``
 since the last checkpoint.
 
+Extension: ``train(cfg, extend_to=N)`` trains a run that has not emerged by its horizon
+(``train.steps``; emerged = ``HEADLINE_METRIC`` >= ``train.emergence_threshold`` at an evaluation)
+on to step ``N``, with the same constant learning rate, batches and checkpoint rules, so that a
+late run's emergence is observed instead of censored. It works on a finished run too: the
+optimizer state of the last checkpoint is kept when a run finishes (``resume.safetensors``). The
+config is not changed by an extension (``N`` is an argument, recorded in ``done.json`` as
+``extended_to``) and the log-spaced checkpoints are spread over the horizon, not over ``N``, so
+the first ``train.steps`` steps of an extended run are byte for byte those of the run without
+extension. A run that emerged by its horizon is not extended.
+
 The loss ladder: for every level of ``train.loss_ladder`` (val loss) and
 ``train.induction_loss_ladder`` (loss on induction targets), the first step at which the loss on
 a fixed validation subset (its first ``train.ladder_sequences`` sequences) is at or below the
@@ -74,10 +84,34 @@ class RunConfigMismatch(RuntimeError):
     """Artefacts in a run folder were written by a different config."""
 
 
-def checkpoint_schedule(t: TrainConfig) -> list[int]:
-    """Step 0, ``n_log_ckpts`` log-spaced steps, every ``ckpt_every`` steps and the last step."""
+class ExtensionError(RuntimeError):
+    """A run cannot be extended as asked (the message says why and what to do)."""
+
+
+def checkpoint_schedule(t: TrainConfig, until: int | None = None) -> list[int]:
+    """Step 0, ``n_log_ckpts`` log-spaced steps over the horizon ``[1, t.steps]``, every
+    ``ckpt_every`` steps up to ``until`` (default and at least ``t.steps``), the horizon and
+    ``until``. Steps up to the horizon do not depend on ``until``: an extension only adds later ones."""
+    until = max(until or t.steps, t.steps)
     log_steps = np.unique(np.round(np.geomspace(1, t.steps, t.n_log_ckpts)).astype(int)) if t.n_log_ckpts else []
-    return sorted({0, t.steps, *range(t.ckpt_every, t.steps, t.ckpt_every), *map(int, log_steps)})
+    return sorted({0, t.steps, until, *range(t.ckpt_every, until, t.ckpt_every), *map(int, log_steps)})
+
+
+def emerged_by(rows, step: int, t: TrainConfig) -> bool:
+    """Whether the headline metric reached ``t.emergence_threshold`` at an evaluation at or before
+    ``step``; ``rows`` are metric rows (dicts or a metrics table)."""
+    rows = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
+    return any(r["metric"] == HEADLINE_METRIC and r["step"] <= step and r["value"] >= t.emergence_threshold
+               for r in rows)
+
+
+def _check_extend_to(extend_to: int, t: TrainConfig) -> None:
+    if extend_to and extend_to <= t.steps:
+        raise ExtensionError(f"extend_to={extend_to} must be 0 (no extension) or beyond the horizon train.steps="
+                             f"{t.steps}.")
+    if extend_to and t.stop_after_emergence >= 0:
+        raise ExtensionError("a run with train.stop_after_emergence >= 0 (a donor) ends on its own; raise train.steps "
+                             "instead of extending it.")
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -249,13 +283,19 @@ def _is_stale(found: str | None, folder: Path, stale: str, now: str) -> bool:
 
 
 def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool = True,
-          stale: str = "refuse") -> pd.DataFrame:
-    """Train (or resume, or load) one run; returns its metrics in long format.
+          stale: str = "refuse", extend_to: int = 0) -> pd.DataFrame:
+    """Train (or resume, or load, or extend) one run; returns its metrics in long format.
 
     A finished or half-trained run whose training source (``training_source``) differs from the
     current one is never served silently from code that no longer exists: ``stale`` says what
     happens, ``refuse`` (``StaleRun``), ``retrain`` (its checkpoints are deleted and it trains
-    anew) or ``reuse`` (knowingly)."""
+    anew) or ``reuse`` (knowingly).
+
+    ``extend_to`` (0 = none): if the run has not emerged by ``train.steps``, train on to this step
+    (see the module docstring); a finished run that has not emerged is extended in place. An
+    extension once started is finished on resume, whatever ``extend_to`` the resuming call passes."""
+    t = cfg.train
+    _check_extend_to(extend_to, t)
     paths = RunPaths.of(cfg, root)
     folder, table = paths.checkpoints, table_path(cfg, "metrics", root)
     done = folder / "done.json"
@@ -263,19 +303,21 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
     if done.exists():
         info = json.loads(done.read_text())
         _check_same_config(info["config"], cfg, done)
-        if not _is_stale(info.get("source"), folder, stale, source):
+        if _is_stale(info.get("source"), folder, stale, source):
+            shutil.rmtree(folder)
+        elif info["final_step"] >= max(extend_to, t.steps) or emerged_by(pd.read_parquet(table), t.steps, t):
             return pd.read_parquet(table)
-        shutil.rmtree(folder)
+        elif not (folder / "resume.safetensors").exists():
+            raise ExtensionError(f"{folder} finished at step {info['final_step']} without the optimizer state an "
+                                 f"extension continues from (trained by a version that deleted it); retrain it to "
+                                 f"extend it: train(..., stale='retrain'), or delete that folder.")
 
-    t = cfg.train
     keep_freed_memory()
     with torch_threads(t.threads):
         ds = load_dataset(cfg, root)
         model = build_model(cfg, root)
         model.train()
         opt, names = _optimizer(model, t)
-        schedule = set(checkpoint_schedule(t))
-
         state = load_resume_state(folder, opt, names)
         if state is not None:
             _check_same_config(state["config"], cfg, folder / "resume.safetensors")
@@ -297,7 +339,13 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
             save_resume_state(folder, opt, names, state)
             write_table(pd.DataFrame(state["rows"]), cfg, "metrics", root)
 
-        bar = tqdm(total=t.steps, initial=state["step"], file=sys.stdout, ascii=True, mininterval=5,
+        until = max(t.steps, extend_to, state.get("until", t.steps))  # an extension once started is finished
+        if done.exists():  # extending a finished run: from here on it is an unfinished extension
+            state["until"] = until
+            save_resume_state(folder, opt, names, state)
+            done.unlink()
+        schedule = set(checkpoint_schedule(t, until))
+        bar = tqdm(total=until, initial=state["step"], file=sys.stdout, ascii=True, mininterval=5,
                    disable=not progress, desc=cfg.run.name)
         snapshot = _snapshot(model, opt, state["step"]) if _pending(state, t) else None
 
@@ -308,7 +356,7 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
             state["rows"] += _rows(step, found)
             state["checkpoints"].append(step)
             save_checkpoint(folder, replayed, cfg, step, found)
-        for step in range(state["step"], t.steps):
+        for step in range(state["step"], until):
             batch = ds.train_batch(step, t.batch_size)
             loss = optimizer_step(opt, lambda: loss_fn(model(batch.tokens), batch.tokens), model.parameters(), step, t)
             done_steps = step + 1
@@ -335,6 +383,10 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
                 if abs(metrics["val_acc_induction"] - state["ckpt_acc"]) >= ADAPTIVE_DELTA:
                     is_ckpt = True
                 stop = _stop_now(state, metrics, done_steps, t)
+                if done_steps == t.steps and until > t.steps:  # the horizon: extend only a run not emerged
+                    stop = emerged_by(state["rows"], t.steps, t)
+                    if not stop:
+                        state["until"] = until
                 if is_ckpt or stop:
                     state["step"], state["ckpt_acc"] = done_steps, metrics["val_acc_induction"]
                     state["checkpoints"].append(done_steps)
@@ -350,11 +402,11 @@ def train(cfg: ExperimentConfig, root: str | Path | None = None, progress: bool 
     last = state["checkpoints"][-1]
     atomic_write_text(done, json.dumps({"config": cfg.to_dict(), "checkpoints": state["checkpoints"],
                                         "final_step": last, "emerged_at": state.get("emerged_at"),
+                                        "horizon": t.steps, "extended_to": state.get("until"),
                                         "ladder": state.get("ladder", {}), "source": source,
                                         "final_metrics": {r["metric"]: r["value"] for r in state["rows"]
                                                           if r["step"] == last}}, indent=2, sort_keys=True))
-    (folder / "resume.safetensors").unlink(missing_ok=True)
-    return pd.read_parquet(table)
+    return pd.read_parquet(table)  # resume.safetensors stays: the optimizer state an extension continues from
 
 
 def ladder_table(ladder: dict, t: TrainConfig) -> pd.DataFrame:
@@ -382,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="a JSON file of ExperimentConfig.to_dict() (overrides the rest)")
     p.add_argument("--scheme-module", default="",
                    help="comma-separated .py files that register schemes (@register_scheme)")
+    p.add_argument("--extend-to", type=int, default=0,
+                   help="train a run that has not emerged by train.steps on to this step (0 = no extension)")
     p.add_argument("--stale", default="refuse", choices=STALE,
                    help="checkpoints written by other training code: refuse them (default), retrain, or reuse")
     a = p.parse_args(argv)
@@ -393,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = experiment(a.preset, a.scheme, a.seed)
             check_scheme(cfg.run.scheme)
-        train(cfg, a.root, stale=a.stale)
+        train(cfg, a.root, stale=a.stale, extend_to=a.extend_to)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

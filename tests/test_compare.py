@@ -23,6 +23,7 @@ from initmi_utils.study import final_values
 from initmi_utils import stats as S
 from initmi_utils import study as ST
 from initmi_utils.config import PRESET_SEEDS, PRESETS, experiment
+from initmi_utils.findings import findings
 from initmi_utils.geometry import linear_cka
 from initmi_utils.schemes import SCHEMES
 from initmi_utils.tables import write_table
@@ -603,3 +604,64 @@ def test_seeded_emergence_is_also_counted_with_its_donors_steps(tmp_path):
     per_step = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
     assert row.student_flops_per_step == per_step and row.total_flops > 10 * per_step
     assert rq1_module.compute_matched(SimpleNamespace(preset="smoke", root=tmp_path / "none"), em).empty
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs trained past the horizon (train's extend_to).
+
+
+def _extended_metrics(seed: int, emerges_at: float, until: int) -> pd.DataFrame:
+    """The NEVER scheme's metrics (accuracy 0.3 up to the horizon) trained on to ``until``,
+    emerging (accuracy 0.95, loss down by 1) at ``emerges_at`` (nan: never)."""
+    base = _metrics(NEVER, seed)
+    rows = []
+    for t in range(HORIZON + 250, until + 1, 250):
+        emerged = emerges_at == emerges_at and t >= emerges_at
+        acc, loss = (0.95, 2.0) if emerged else (0.3, 3.0)
+        for metric, value in [("val_loss", loss + 0.01 * seed), ("train_loss", loss), ("val_acc_induction", acc),
+                              ("val_acc_induction_unambiguous", acc), ("rep_acc_induction", acc),
+                              ("val_logit_diff", 5 * acc), ("induction_score", acc)]:
+            rows.append(dict(step=t, metric=metric, value=value))
+    return pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
+
+
+def test_extended_runs_count_for_emergence_and_nothing_else(tmp_path):
+    root = make_synthetic_study(tmp_path, drop=("none", -1), truncate=("none", -1), with_geometry=False)
+    until = 2 * HORIZON
+    late = {0: HORIZON + 1000, 1: HORIZON + 1500}  # seeds 2-4 never emerge, even extended
+    for seed in range(5):
+        write_table(_extended_metrics(seed, late.get(seed, math.nan), until), experiment(PRESET, NEVER, seed),
+                    "metrics", root)
+    study = C.load_study(PRESET, root)
+    assert set(study.extended_runs.run) == {f"{NEVER}-s{k}" for k in range(5)}
+    assert study.emergence_horizon == until and study.table("metrics").step.max() == HORIZON
+    r1 = C.rq1(study, n_perm=200)
+    em = r1.tables["emergence"].set_index("run")
+    assert em.loc[f"{NEVER}-s0", "emergence_step"] == HORIZON + 1000
+    assert em.loc[f"{NEVER}-s4", "restricted"] == until and not em.loc[f"{NEVER}-s4", "emerged"]
+    assert set(em.horizon) == {until}
+    summ = r1.tables["emergence_summary"].set_index("scheme")
+    assert summ.loc[NEVER, "emerged"] == 2
+    # step-matched: the end-of-training values are read at the horizon, before the late emergence
+    final = r1.tables["final"].set_index(["metric", "scheme"])
+    assert final.loc[("val_acc_induction", NEVER), "mean"] == pytest.approx(0.3)
+    ext = r1.tables["extended_runs"].set_index("run")
+    assert ext.loc[f"{NEVER}-s1", "emergence_step"] == HORIZON + 1500 and math.isnan(ext.loc[f"{NEVER}-s3", "emergence_step"])
+    res = findings(study, r1, C.rq2(study, cka_sequences=0, n_perm=200), C.rq3(study, r1.tables["emergence"], n_perm=200))
+    text = " ".join(res.tables["findings"].sentence)
+    assert f"5 run(s) without induction by step {HORIZON} were trained on to step {until}; 2 of them emerged" in text
+
+
+def test_a_definition_under_which_an_unfollowed_run_is_censored_is_read_at_the_horizon():
+    em = pd.DataFrame(dict(run=["a", "b", "c"], scheme="s", seed=[0, 1, 2], emergence_step=[500.0, math.nan, 7000.0],
+                           emerged=[True, False, True], restricted=[500.0, 12000.0, 7000.0],
+                           time=[500.0, math.inf, 7000.0]))
+    followed = {"a": 6000, "b": 12000, "c": 12000}
+    out, h = R1.common_censoring(em, followed, 6000, 12000)
+    assert h == 12000 and out.set_index("run").restricted.to_dict() == {"a": 500, "b": 12000, "c": 7000}
+    # b was not followed past the horizon (say it emerged under the headline definition only): cut at 6000
+    out, h = R1.common_censoring(em, {**followed, "b": 6000}, 6000, 12000)
+    assert h == 6000
+    c = out.set_index("run")
+    assert not c.loc["c", "emerged"] and c.loc["c", "time"] == math.inf and c.loc["c", "restricted"] == 6000
+    assert c.loc["a", "emergence_step"] == 500 and c.restricted.max() == 6000

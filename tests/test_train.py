@@ -19,7 +19,14 @@ from initmi_utils.checkpoints import CheckpointError, list_checkpoints, load_mod
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.data import load_dataset
 from initmi_utils.tables import COLUMNS
-from initmi_utils.train import LADDERS, RunConfigMismatch, checkpoint_schedule, ladder_losses, train
+from initmi_utils.train import (
+    LADDERS,
+    ExtensionError,
+    RunConfigMismatch,
+    checkpoint_schedule,
+    ladder_losses,
+    train,
+)
 from tests.conftest import tiny_cfg
 
 
@@ -125,6 +132,99 @@ def test_interrupted_run_resumes_to_identical_bytes(tmp_path, monkeypatch):
     assert ckpt_bytes(cfg, tmp_path / "resumed") == ckpt_bytes(cfg, tmp_path / "straight")
     straight = pd.read_parquet(RunPaths.of(cfg, tmp_path / "straight").tables / "metrics.parquet")
     pd.testing.assert_frame_equal(resumed, straight)
+
+
+# --- extension past the horizon ------------------------------------------------------------------
+
+NEVER = 1.0  # an emergence threshold no tiny run reaches (accuracy exactly 1): it is extended
+AT_ONCE = 1e-4  # one every run reaches at step 0: it is not
+
+
+def _ext_cfg(threshold: float):
+    return tiny_cfg("kaiming", train={"steps": 50, "ckpt_every": 20, "eval_every": 5, "emergence_threshold": threshold})
+
+
+def _done(cfg, root) -> dict:
+    return json.loads((RunPaths.of(cfg, root).checkpoints / "done.json").read_text())
+
+
+def _metrics(cfg, root) -> pd.DataFrame:
+    return pd.read_parquet(RunPaths.of(cfg, root).tables / "metrics.parquet")
+
+
+def test_the_schedule_up_to_the_horizon_does_not_depend_on_the_extension():
+    t = _ext_cfg(NEVER).train
+    short, long = checkpoint_schedule(t), checkpoint_schedule(t, 130)
+    assert [s for s in long if s <= t.steps] == short
+    assert [s for s in long if s > t.steps] == [60, 80, 100, 120, 130]
+    assert checkpoint_schedule(t, 10) == short  # never shorter than the horizon
+
+
+def test_an_extended_run_is_the_unextended_run_byte_for_byte_up_to_the_horizon(tmp_path):
+    cfg = _ext_cfg(NEVER)
+    train(cfg, tmp_path / "short", progress=False)
+    train(cfg, tmp_path / "long", progress=False, extend_to=90)
+    short, long = ckpt_bytes(cfg, tmp_path / "short"), ckpt_bytes(cfg, tmp_path / "long")
+    assert {k: v for k, v in long.items() if int(k[5:11]) <= 50} == short
+    later = {int(k[5:11]) for k in long if int(k[5:11]) > 50}
+    assert {60, 80, 90} <= later and max(later) == 90  # regular ones, plus ladder and adaptive ones
+    m_short, m_long = _metrics(cfg, tmp_path / "short"), _metrics(cfg, tmp_path / "long")
+    pd.testing.assert_frame_equal(m_long[m_long.step <= 50].reset_index(drop=True), m_short)
+    assert m_long.step.max() == 90
+    assert (_done(cfg, tmp_path / "long")["extended_to"], _done(cfg, tmp_path / "long")["horizon"]) == (90, 50)
+    assert _done(cfg, tmp_path / "short")["extended_to"] is None
+
+    # A finished run extended afterwards is the run extended from the start, bytes and table.
+    train(cfg, tmp_path / "short", progress=False, extend_to=90)
+    assert ckpt_bytes(cfg, tmp_path / "short") == long
+    pd.testing.assert_frame_equal(_metrics(cfg, tmp_path / "short"), m_long)
+    assert _done(cfg, tmp_path / "short")["extended_to"] == 90
+
+
+def test_a_killed_extension_finishes_on_resume_even_without_asking_again(tmp_path, monkeypatch):
+    cfg = _ext_cfg(NEVER)
+    train(cfg, tmp_path / "straight", progress=False, extend_to=90)
+    train(cfg, tmp_path / "killed", progress=False)
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def crash(model, ds):
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 80's checkpoint written (evaluations 55 … 80), before step 90
+            raise KeyboardInterrupt
+        return real_evaluate(model, ds)
+
+    monkeypatch.setattr(train_module, "evaluate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed", progress=False, extend_to=90)
+    assert not (RunPaths.of(cfg, tmp_path / "killed").checkpoints / "done.json").exists()
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    train(cfg, tmp_path / "killed", progress=False)  # no extend_to: the started extension is finished
+    assert ckpt_bytes(cfg, tmp_path / "killed") == ckpt_bytes(cfg, tmp_path / "straight")
+    assert _done(cfg, tmp_path / "killed")["extended_to"] == 90
+
+
+def test_a_run_that_emerged_by_the_horizon_is_not_extended(tmp_path):
+    cfg = _ext_cfg(AT_ONCE)
+    train(cfg, tmp_path, progress=False, extend_to=90)
+    assert _metrics(cfg, tmp_path).step.max() == 50 and _done(cfg, tmp_path)["extended_to"] is None
+    train(cfg, tmp_path, progress=False, extend_to=90)  # asked again on the finished run: still not
+    assert _metrics(cfg, tmp_path).step.max() == 50
+
+
+def test_extensions_that_cannot_be_done_say_why(tmp_path):
+    cfg = _ext_cfg(NEVER)
+    with pytest.raises(ExtensionError, match="beyond the horizon"):
+        train(cfg, tmp_path, progress=False, extend_to=50)
+    donor = tiny_cfg(train={"steps": 50, "stop_after_emergence": 0})
+    with pytest.raises(ExtensionError, match="ends on its own"):
+        train(donor, tmp_path, progress=False, extend_to=90)
+    train(cfg, tmp_path, progress=False)
+    (RunPaths.of(cfg, tmp_path).checkpoints / "resume.safetensors").unlink()  # as older versions left it
+    before = ckpt_bytes(cfg, tmp_path)
+    with pytest.raises(ExtensionError, match="without the optimizer state"):
+        train(cfg, tmp_path, progress=False, extend_to=90)
+    assert ckpt_bytes(cfg, tmp_path) == before and _done(cfg, tmp_path)["extended_to"] is None
 
 
 @pytest.mark.slow
