@@ -242,7 +242,7 @@ def head_outputs(cache, model: Transformer, mask: Bool[Tensor, "batch pos"] | No
     return out
 
 
-def linear_cka(x: Float[Tensor, "n d1"], y: Float[Tensor, "n d2"]) -> float:
+def linear_cka(x: Float[Tensor, "n d1"], y: Float[Tensor, "n d2"], debiased: bool = False) -> float:
     """Linear CKA (Kornblith et al. 2019) between two representations of the same ``n`` inputs:
     ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` on centred features.
 
@@ -250,15 +250,35 @@ def linear_cka(x: Float[Tensor, "n d1"], y: Float[Tensor, "n d2"]) -> float:
     differ by a rotation count as the same), ~0 for unrelated representations. Computed in feature
     space (d x d Gram matrices, cheap for n >> d) in float64. The one implementation used by
     geometry (head similarity), persistence (donor vs student) and compare (runs vs runs);
-    TransformerLens has no CKA."""
+    TransformerLens has no CKA.
+
+    ``debiased``: the plug-in estimate is biased upwards when ``n`` is not much larger than the
+    dimensions (two independent Gaussian representations of 64 inputs in 256 dimensions score
+    about 0.8). The debiased form replaces each HSIC by its unbiased estimator (Song et al. 2012;
+    Kornblith et al.'s feature-space form), so that unrelated representations score about 0 at any
+    ``n >= 4``; it can be slightly negative. Use it where few inputs are compared (the stored
+    probes of ``probes``)."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"CKA compares representations of the same inputs; got {x.shape[0]} and {y.shape[0]} rows.")
     x = x.double() - x.double().mean(0)
     y = y.double() - y.double().mean(0)
-    denom = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    if denom == 0:
+    xy = torch.linalg.matrix_norm(y.T @ x) ** 2
+    xx = torch.linalg.matrix_norm(x.T @ x) ** 2
+    yy = torch.linalg.matrix_norm(y.T @ y) ** 2
+    if debiased:
+        n = x.shape[0]
+        if n < 4:
+            raise ValueError(f"debiased CKA needs at least 4 inputs, got {n}.")
+        rx, ry = (x * x).sum(1), (y * y).sum(1)  # squared row norms: the diagonal of the Gram matrices
+
+        def unbiased(dot, a, b):  # n(n-3) x the unbiased HSIC of the two Gram matrices; the factor cancels
+            return dot - n / (n - 2) * (a @ b) + a.sum() * b.sum() / ((n - 1) * (n - 2))
+
+        xy, xx, yy = unbiased(xy, rx, ry), unbiased(xx, rx, rx), unbiased(yy, ry, ry)
+    denom = torch.sqrt(xx * yy) if debiased else torch.sqrt(xx) * torch.sqrt(yy)
+    if not denom > 0:
         return float("nan")
-    return (torch.linalg.matrix_norm(y.T @ x) ** 2 / denom).item()
+    return (xy / denom).item()
 
 
 def mean_cosine(x: Float[Tensor, "n d"], y: Float[Tensor, "n d"]) -> float:

@@ -310,6 +310,43 @@ def test_linear_cka_invariances_and_known_value():
     assert linear_cka(X, X[:, :8]) == pytest.approx(linear_cka(X[:, :8], X))
 
 
+def _hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
+    """Song et al. (2012)'s unbiased HSIC estimator, written on Gram matrices as published."""
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0)
+    np.fill_diagonal(L, 0)
+    one = np.ones(n)
+    return float((np.trace(K @ L) + one @ K @ one * (one @ L @ one) / ((n - 1) * (n - 2))
+                  - 2 / (n - 2) * one @ K @ L @ one) / (n * (n - 3)))
+
+
+def test_debiased_cka_is_the_unbiased_hsic_ratio_and_scores_unrelated_probes_near_zero():
+    g = torch.Generator().manual_seed(1)
+    # fewer inputs than dimensions, as on a stored probe: the plug-in CKA of unrelated features is large
+    biased, debiased = [], []
+    for _ in range(20):
+        x, y = torch.randn(64, 256, generator=g), torch.randn(64, 256, generator=g)
+        biased.append(linear_cka(x, y))
+        debiased.append(linear_cka(x, y, debiased=True))
+    assert np.mean(biased) > 0.7
+    assert abs(np.mean(debiased)) < 0.02 and np.std(debiased) < 0.05
+    # the same inputs related: still 1 under rotation, scale and shift; a known mix lands in between
+    X = torch.randn(64, 256, generator=g)
+    Q, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
+    assert linear_cka(X, 2.0 * X @ Q - 1.0, debiased=True) == pytest.approx(1.0, abs=1e-9)
+    # against the Gram-matrix form of the estimator, on centred features
+    x, y = torch.randn(40, 30, generator=g).double(), torch.randn(40, 20, generator=g).double()
+    y[:, :5] += 2 * x[:, :5]
+    xc, yc = (x - x.mean(0)).numpy(), (y - y.mean(0)).numpy()
+    K, L = xc @ xc.T, yc @ yc.T
+    want = _hsic_unbiased(K, L) / math.sqrt(_hsic_unbiased(K, K) * _hsic_unbiased(L, L))
+    assert linear_cka(x, y, debiased=True) == pytest.approx(want, rel=1e-9)
+    assert 0.2 < want < 0.9
+    with pytest.raises(ValueError, match="at least 4"):
+        linear_cka(x[:3], y[:3], debiased=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Emergence, matching, roles on planted data.
 
