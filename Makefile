@@ -49,3 +49,13 @@ clean-artefacts:
 .PHONY: figures
 figures: $(INSTALLED)
 	@$(BIN)/python -m initmi_utils.plots --preset $(PRESET) --command "make figures PRESET=$(PRESET)"
+
+# Publish finished runs' tables with their manifest into results/$(PRESET) (commit that folder), e.g.
+# make publish PRESET=full SEEDS=0 after the pipeline ran seed 0; refused when a run is not up to date.
+.PHONY: publish report
+publish: $(INSTALLED)
+	$(BIN)/python -m initmi_utils.results publish --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS))
+
+# The comparison, the report (figures/$(PRESET)/report.html) from results/$(PRESET) alone: no checkpoints.
+report: $(INSTALLED)
+	$(BIN)/python -m initmi_utils.results report --preset $(PRESET)

@@ -148,6 +148,10 @@ def head_browsers(study: Study, n_checkpoints: int = MAX_CHECKPOINTS) -> Result:
     be read is named instead."""
     sec = Section("Head browser · each head's attention across training", key="head-browser")
     res = Result(sec)
+    if study.manifest is not None:
+        sec.note("Read from published results, which hold no checkpoints: no head browser (run the grid, or open "
+                 "notebook 03 of a run).", "warning")
+        return res
     usable = study.status[study.status.run.isin(study.usable_runs)]
     attention = study.table("attention")
     options, missing = {}, []
@@ -193,13 +197,16 @@ def _csv_section(study: Study, table_dir: Path, report_dir: Path, names: list[st
     return sec
 
 
-def save_outputs(study: Study, results: list[Result], static: bool = True) -> dict[str, Path]:
+def save_outputs(study: Study, results: list[Result], static: bool = True,
+                 out_root: str | Path | None = None) -> dict[str, Path]:
     """Write every figure to ``figures/<preset>/07_<name>.html`` (+PNG/SVG when possible), every
     table to ``data/compare/<preset>/<name>.csv``, the main figures (those of ``findings``) as
     JSON for ``make figures``, and ``figures/<preset>/report.html``: the sections in the order of
-    ``results``, then the list of CSVs."""
-    out_dir = figures_dir(study.preset, study.root)
-    table_dir = study.root / "data" / "compare" / study.preset
+    ``results``, then the list of CSVs. Under ``out_root`` (default: the study's root; another
+    one when the study is read from published results)."""
+    out_root = resolve_root(out_root) if out_root is not None else study.root
+    out_dir = figures_dir(study.preset, out_root)
+    table_dir = out_root / "data" / "compare" / study.preset
     table_dir.mkdir(parents=True, exist_ok=True)
     written, names, main = {}, [], {}
     for r in results:
@@ -213,7 +220,8 @@ def save_outputs(study: Study, results: list[Result], static: bool = True) -> di
             t.to_csv(table_dir / f"{name}.csv", index=False)
             names.append(name)
     seeds = ",".join(str(k) for k in study.seeds)
-    command = f"python -m initmi_utils.pipeline --preset {shlex.quote(study.preset)} --seeds {seeds}"
+    command = (f"python -m initmi_utils.results report --preset {shlex.quote(study.preset)}" if study.manifest else
+               f"python -m initmi_utils.pipeline --preset {shlex.quote(study.preset)} --seeds {seeds}")
     study_text = (f"preset {study.preset}, schemes {', '.join(study.schemes)}, seeds {seeds}, "
                   f"{len(study.usable_runs)} usable runs")
     if main:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from initmi_utils.io import atomic_write_text
-from initmi_utils.sources import closure_hash, notebook_imports, package_hash
+from initmi_utils.sources import closure_hash, machine, notebook_imports, package_hash
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "initmi"
@@ -361,7 +361,8 @@ def execute(job: Job, kernel: str, warm: WarmKernel | None = None, grid: str = "
             if tmp.exists():
                 os.replace(tmp, job.output)
         if job.status == "ok":
-            atomic_write_text(job.stamp, json.dumps({"key": job.key, "seconds": round(job.seconds, 2)}))
+            atomic_write_text(job.stamp, json.dumps({"key": job.key, "seconds": round(job.seconds, 2),
+                                                     "machine": machine()}))
     finally:
         lease.release()
 

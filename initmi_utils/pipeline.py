@@ -65,6 +65,20 @@ def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Note
     return chains, finals
 
 
+def resolve_schemes(names: list[str]) -> list[str]:
+    """``names`` (default: every registered scheme), each checked against the registry."""
+    schemes = list(names) or list(SCHEMES)
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise PipelineError(f"unknown init scheme(s) {unknown}; supported schemes: {', '.join(SCHEMES)}.")
+    return schemes
+
+
+def resolve_seeds(preset: str, seeds: list[int]) -> list[int]:
+    """``seeds`` (default: the preset's)."""
+    return [int(k) for k in seeds] or list(PRESET_SEEDS[preset])
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -99,12 +113,9 @@ def parse_args(argv: list[str] | None, notebooks: list[Notebook]):
         raise PipelineError(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}.")
     modules = [str(Path(m).expanduser().resolve()) for m in a.scheme_module.split(",") if m.strip()]
     load_scheme_modules(",".join(modules))  # one clear error naming the file when it is missing or raises
-    schemes = [s for s in a.schemes.split(",") if s] or list(SCHEMES)
-    unknown = [s for s in schemes if s not in SCHEMES]
-    if unknown:
-        raise PipelineError(f"unknown init scheme(s) {unknown}; supported schemes: {', '.join(SCHEMES)}.")
+    schemes = resolve_schemes([s for s in a.schemes.split(",") if s])
     try:
-        seeds = [int(s) for s in a.seeds.split(",") if s] or list(PRESET_SEEDS[a.preset])
+        seeds = resolve_seeds(a.preset, [int(s) for s in a.seeds.split(",") if s])
     except ValueError:
         raise PipelineError(f"--seeds must be comma-separated integers, got {a.seeds!r}.") from None
     numbers = {nb.number: nb for nb in notebooks}

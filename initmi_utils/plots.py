@@ -27,7 +27,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -42,6 +41,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from initmi_utils.config import resolve_root
+from initmi_utils import sources
 from initmi_utils.io import atomic_write_text
 
 TEMPLATE = "plotly_white"
@@ -360,15 +360,9 @@ MAIN_MANIFEST = "main_figures.json"
 
 
 def machine() -> str:
-    """This machine in a few words: CPU model and logical cores (Linux: /proc/cpuinfo)."""
-    cpu = ""
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    except OSError:
-        pass
-    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores"
+    """This machine in a few words: CPU model and logical cores (``sources.machine``)."""
+    m = sources.machine()
+    return f"{m['cpu']}, {m['cores']} cores"
 
 
 def save_main_figures(figures: dict[str, go.Figure], folder: str | Path, study: str, command: str) -> Path:

@@ -201,15 +201,21 @@ def compute_matched(study: Study, em: pd.DataFrame) -> pd.DataFrame:
     """The seeded runs' emergence against total compute: the student's emergence step plus the
     steps of its chosen donor (``seeded.donor_compute``), and the same in training FLOPs
     (``model.flops_per_token`` x tokens; the donor's and the student's per-step FLOPs differ).
-    Rows only for seeded runs whose donor choice is on disk; ``total_steps_all_candidates`` adds
+    Rows only for seeded runs whose donor choice is on disk (or in the published results'
+    manifest); ``total_steps_all_candidates`` adds
     the donors tried and not chosen (the policy's whole cost)."""
     rows = []
     for r in em[em.scheme == "seeded"].itertuples(index=False):
         cfg = experiment(study.preset, "seeded", int(r.seed))
-        try:
-            d = donor_compute(cfg, study.root)
-        except DonorMissing:
-            continue
+        if study.manifest is not None:  # published results: the donor recorded at publication
+            d = study.manifest["runs"].get(r.run, {}).get("donor")
+            if not d:
+                continue
+        else:
+            try:
+                d = donor_compute(cfg, study.root)
+            except DonorMissing:
+                continue
         student = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
         step = r.emergence_step
         rows.append(dict(run=r.run, seed=int(r.seed), donor_seed=d["donor_seed"], donor_steps=d["steps"],

@@ -551,7 +551,11 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
         return res
     used = pd.concat([study.table("attention"), study.table("ablation")])
     sec.text(seeds_note(study, used, "Runs with mechanism tables"))
-    cka_cache = ResidualCache(study.preset, study.root, cka_sequences) if cka_sequences > 0 else None
+    cka_cache = ResidualCache(study.preset, study.root, cka_sequences) if cka_sequences > 0 and not study.manifest \
+        else None
+    if study.manifest and cka_sequences > 0:
+        sec.note("Read from published results, which hold no checkpoints: the residual-stream CKA column is left "
+                 "empty.", "warning")
 
     sm, step = step_matched(candidates, metrics, match_step)
     sec.heading(f"Step-matched: every run at step {step}" if step is not None else "Step-matched")

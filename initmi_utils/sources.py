@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
+import platform
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -104,3 +106,15 @@ def notebook_imports(cells: Iterable[str]) -> set[str]:
         except SyntaxError:
             continue
     return found
+
+
+def machine() -> dict:
+    """This machine: ``{"cpu": model name, "cores": logical cores}`` (Linux: /proc/cpuinfo; else
+    ``platform``). Recorded with results and figures, which state the machine they came from."""
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine() or "unknown CPU", "cores": os.cpu_count()}

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import json
+
 import numpy as np
 import pandas as pd
 import torch
@@ -53,6 +55,14 @@ TABLES = ("metrics", "ladder", "behavior", "attention", "ablation", "patching", 
 TRAINING_TABLES = ("metrics", "ladder")  # written by training (notebook 01)
 ANALYSIS_TABLES = tuple(t for t in TABLES if t not in TRAINING_TABLES)  # written by notebooks 02-06
 SPARSE_TABLES = ("paths",)  # no rows for a run without a copying head: absence is not a missing analysis
+MANIFEST = "manifest.json"  # published results (``results.publish``): the runs, their sources and facts
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    """The manifest of published results in ``root`` (``results/<preset>``), or None when ``root``
+    is a working tree (its runs' checkpoints and stamps say what is finished)."""
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 # =============================================================================================
@@ -82,8 +92,13 @@ def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame],
     - ``partial``: trained, but some analysis tables that other runs have are absent;
     - ``ok``.
     Only runs whose training completed enter the statistics; the others are named in the report.
+
+    In published results (a ``MANIFEST`` in ``root``) there are no checkpoints or stamps: a run is
+    finished when the manifest lists it (``publish`` lists only runs whose notebooks were all up to
+    date), and missing otherwise.
     """
     horizon = PRESETS[preset].train.steps
+    manifest = read_manifest(resolve_root(root))
     exp = expected_runs(preset, seeds).assign(expected=True)
     seen = pd.concat([t[["run", "scheme", "seed"]] for t in tables.values() if len(t)], ignore_index=True) \
         if any(len(t) for t in tables.values()) else pd.DataFrame(columns=["run", "scheme", "seed"])
@@ -102,15 +117,18 @@ def run_status(preset: str, root: str | Path, tables: dict[str, pd.DataFrame],
             problems.append("no metrics table: train it (notebook 01)")
         else:
             last = int(m.step.max())
-            done = (paths.checkpoints / "done.json").exists()
-            if last < horizon:
+            done = r.run in manifest["runs"] if manifest else (paths.checkpoints / "done.json").exists()
+            if manifest and not done:
+                status = "incomplete"
+                problems.append("tables present but the run is not in the results' manifest (not published)")
+            elif last < horizon:
                 status = "incomplete"
                 problems.append(f"training stopped at step {last} of {horizon}")
-            elif not done and paths.checkpoints.exists():
+            elif not done and paths.checkpoints.exists() and not manifest:
                 status = "incomplete"
                 problems.append("checkpoints have no done.json")
         failed = sorted(p.stem for p in paths.notebooks.glob("[0-9]*.ipynb")  # not the runner's hidden temp files
-                        if not p.with_suffix(".ok.json").exists()) if paths.notebooks.exists() else []
+                        if not p.with_suffix(".ok.json").exists()) if paths.notebooks.exists() and not manifest else []
         if failed:
             status = "failed notebook" if status == "ok" else status
             problems.append(f"notebook(s) without success stamp: {', '.join(failed)}")
@@ -137,6 +155,7 @@ class Study:
     schemes: list[str] = field(default_factory=list)
     seeds: tuple[int, ...] = ()  # the seeds the grid promises (``grid_seeds``)
     extended_metrics: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=COLUMNS))
+    manifest: dict | None = None  # published results: the runs' facts (``results.publish``); None in a working tree
 
     @property
     def horizon(self) -> int:
@@ -189,7 +208,7 @@ def load_study(preset: str, root: str | Path, seeds: Sequence[int] | None = None
 
     present = set(status.scheme)
     schemes = [s for s in SCHEMES if s in present] + sorted(present - set(SCHEMES))
-    return Study(preset, root, tables, status, schemes, grid_seeds(preset, seeds), extended)
+    return Study(preset, root, tables, status, schemes, grid_seeds(preset, seeds), extended, read_manifest(root))
 
 
 

@@ -23,6 +23,7 @@
 # %% tags=["parameters"]
 preset: str = "quick"  # smoke | quick | full: which preset's runs to compare
 root: str = ""  # project root: reads its data/ and checkpoints/, writes figures/; empty: this project
+results: str = ""  # published results to read instead (e.g. results/full: tables and manifest, no checkpoints); empty: root's
 seeds: list = []  # init seeds the grid ran (the pipeline passes its --seeds); empty means the preset's
 emergence_threshold: float = 0.8  # induction accuracy on unambiguous targets that counts as emerged
 match_step: int = -1  # step-matched view at this step; -1 means the last step every run has analysed
@@ -40,7 +41,7 @@ from initmi_utils import compare
 from initmi_utils.schemes import load_scheme_modules
 
 load_scheme_modules(scheme_modules)  # a user's schemes join the expected grid
-study = compare.load_study(preset, root, seeds)
+study = compare.load_study(preset, results or root, seeds)
 overview = compare.overview(study)
 overview.section.show()
 
@@ -73,5 +74,5 @@ findings.section.show()
 
 # %%
 browsers = compare.head_browsers(study)
-written = compare.save_outputs(study, [findings, browsers, overview, headline, rq1, rq2, rq3, persistence])
+written = compare.save_outputs(study, [findings, browsers, overview, headline, rq1, rq2, rq3, persistence], out_root=root)
 print("report:", written["report"])

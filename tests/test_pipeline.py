@@ -159,6 +159,44 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
     again = pipeline("--preset", "smoke", "--workers", "2", root=tmp_path)
     assert again.returncode == 0 and " 0 ok," in again.stdout, again.stdout[-2000:]
 
+    # Published: every run's tables and a manifest; the report regenerates from them alone.
+    results = tmp_path / "published" / "smoke"
+    out = _results("publish", "--preset", "smoke", "--root", str(tmp_path), "--dest", str(results))
+    assert out.returncode == 0, out.stderr[-2000:]
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert set(manifest["runs"]) == {f"{s}-s0" for s in SCHEMES} and manifest["libraries"]["torch"]
+    run = manifest["runs"]["normal-s0"]
+    assert run["machine"]["cores"] and set(run["seconds"]) == {nb.path.stem for nb in notebooks if nb.per_run}
+    assert isinstance(manifest["runs"]["seeded-s0"]["donor"]["donor_seed"], int)  # the donor the run used
+    src = RunPaths.of(experiment("smoke", "normal", 0), tmp_path).tables
+    dst = RunPaths.of(experiment("smoke", "normal", 0), results).tables
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.glob("*.parquet"))
+    assert not list(results.rglob("*.safetensors")) and not list(results.rglob("*.ipynb"))
+    out = _results("report", "--preset", "smoke", "--results", str(results), "--root", str(tmp_path / "elsewhere"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (tmp_path / "elsewhere" / "figures" / "smoke" / "report.html").exists()
+    assert not (results / "data" / "synthetic").exists() and not (results / "figures").exists()  # read, never written
+    import pandas as pd
+    for table in ("emergence", "final", "findings"):
+        again_t = pd.read_csv(tmp_path / "elsewhere" / "data" / "compare" / "smoke" / f"{table}.csv")
+        pd.testing.assert_frame_equal(again_t, pd.read_csv(tmp_path / "data" / "compare" / "smoke" / f"{table}.csv"))
+    # Not one source: refused, naming what changed, and nothing written.
+    before = (results / "manifest.json").read_text()
+    manifest["notebooks"]["05_logit_lens"] = "0" * 16
+    (results / "manifest.json").write_text(json.dumps(manifest))
+    out = _results("publish", "--preset", "smoke", "--root", str(tmp_path), "--dest", str(results))
+    assert out.returncode == 2 and "changed since: 05_logit_lens" in out.stderr
+    (results / "manifest.json").write_text(before)
+    stamp = RunPaths.of(experiment("smoke", "xavier", 0), tmp_path).notebooks / "04_ablation_patching.ok.json"
+    stamp.unlink()
+    out = _results("publish", "--preset", "smoke", "--root", str(tmp_path), "--dest", str(results))
+    assert out.returncode == 2 and "xavier-s0: 04_ablation_patching not up to date" in out.stderr
+    assert (results / "manifest.json").read_text() == before
+
+
+def _results(*args):
+    return subprocess.run([sys.executable, "-m", "initmi_utils.results", *args], capture_output=True, text=True, cwd=REPO)
+
 
 def test_the_progress_line_counts_jobs_and_measures_its_eta():
     now = [0.0]

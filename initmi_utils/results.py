@@ -1,0 +1,209 @@
+"""Published results: a preset's per-run tables and a manifest under ``results/<preset>/``, in git,
+so that the comparison, the report and the findings regenerate without training.
+
+``publish`` copies what notebooks 01-06 wrote for each finished run (the tables
+``data/runs/<preset>/<scheme>/seed<k>/*.parquet``) into ``results/<preset>/`` with the same layout,
+so that the folder is a ``root`` that ``study.load_study`` reads, and records in
+``results/<preset>/manifest.json`` per run: the git commit, the package source hash, the hash of
+each notebook's import closure (``sources.closure_hash``), torch and transformer_lens versions, the
+machine (CPU model, cores) and the wall time of each notebook (from the pipeline's stamps), the
+training facts of ``done.json`` (last step, horizon, extension) and, for ``seeded`` runs, the donor
+(``seeded.donor_compute``). Checkpoints and executed notebooks are not published.
+
+One source: a run is published only when every one of its notebooks is up to date under the
+current code (the pipeline's stamps, as the pipeline itself decides), and runs are added to an
+existing manifest only when its notebooks' closure hashes are the current ones. So a study run seed
+by seed, on more than one machine, publishes each finished seed as it goes, and every number in
+the folder comes from the same analysis code. A change to that code refuses the next publish,
+naming the notebooks that changed: rerun them (the pipeline), then publish every run again.
+
+Command line::
+
+    python -m initmi_utils.results publish --preset full --seeds 0 [--root DIR] [--dest DIR]
+    python -m initmi_utils.results report --preset full      # 07 from results/full, no checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from initmi_utils.config import PRESETS, RunPaths, experiment, project_root, resolve_root
+from initmi_utils.io import atomic_write_text
+from initmi_utils.jobs import KERNEL_NAME, Job, PipelineError, discover, execute
+from initmi_utils.pipeline import plan, resolve_schemes, resolve_seeds
+from initmi_utils.seeded import DonorMissing, donor_compute
+from initmi_utils.sources import LIBRARIES, _version, closure_hash, machine, package_hash
+from initmi_utils.study import MANIFEST, read_manifest
+
+RESULTS_DIR = "results"  # under the project root: results/<preset>/
+
+
+class ResultsError(RuntimeError):
+    """Results that cannot be published or read as asked (the message says what to do)."""
+
+
+def _git_commit(where: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def notebook_sources(notebooks=None) -> dict[str, str]:
+    """``{notebook stem: closure hash}`` of the per-run notebooks: the code a run's tables depend on."""
+    return {nb.path.stem: closure_hash(nb.imports) for nb in (notebooks or discover()) if nb.per_run}
+
+
+def publish(preset: str, seeds, root: str | Path | None = None, dest: str | Path | None = None,
+            schemes=None) -> Path:
+    """Copy the finished runs of ``seeds`` (every registered scheme, or ``schemes``) into ``dest``
+    (default ``results/<preset>``) and add them to its manifest; returns the manifest's path.
+
+    Raises ``ResultsError`` (and writes nothing) when a run is missing or not up to date under the
+    current code, or when ``dest`` holds runs published from other analysis code."""
+    if preset not in PRESETS:
+        raise ResultsError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    root = resolve_root(root)
+    dest = Path(dest) if dest else project_root() / RESULTS_DIR / preset
+    notebooks = [nb for nb in discover() if nb.per_run]
+    schemes = resolve_schemes(schemes or [])
+    seeds = resolve_seeds(preset, seeds)
+    sources = notebook_sources(notebooks)
+    manifest = read_manifest(dest) or {"preset": preset, "notebooks": sources, "runs": {}}
+    changed = sorted(n for n in set(sources) | set(manifest["notebooks"])
+                     if manifest["notebooks"].get(n) != sources.get(n))
+    if manifest["preset"] != preset or changed:
+        raise ResultsError(
+            f"{dest} holds {manifest['preset']} runs published from other analysis code (changed since: "
+            f"{', '.join(changed) or 'the preset'}); its results and these would not come from one source. Rerun "
+            f"the changed notebooks for every run (python -m initmi_utils.pipeline), then publish every run into an "
+            f"empty {dest} (move the old one away first).")
+    chains, _ = plan(preset, schemes, list(seeds), notebooks, root, {})
+    problems, runs = [], {}
+    for chain in chains:
+        for job in chain:
+            job.compute_key()
+        first = chain[0]
+        cfg = experiment(preset, first.parameters["scheme"], first.parameters["seed"])
+        stale = [j.notebook.path.stem for j in chain if not j.up_to_date()]
+        if stale:
+            problems.append(f"{cfg.run.name}: {', '.join(stale)} not up to date")
+            continue
+        runs[cfg.run.name] = _run_entry(cfg, root, chain)
+    if problems:
+        seeds_arg = ",".join(map(str, seeds))
+        raise ResultsError("not published, nothing written: " + "; ".join(problems) + f". Run them first: python -m "
+                           f"initmi_utils.pipeline --preset {preset} --seeds {seeds_arg} --notebooks 01,02,03,04,05,06"
+                           f" --root {root}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, entry in runs.items():
+        cfg = experiment(preset, entry["scheme"], entry["seed"])
+        _replace_dir(RunPaths.of(cfg, root).tables, RunPaths.of(cfg, dest).tables)
+    manifest["runs"].update(runs)
+    manifest["runs"] = dict(sorted(manifest["runs"].items()))
+    manifest.update(commit=_git_commit(project_root()), libraries={lib: _version(lib) for lib in LIBRARIES},
+                    bytes=_size(dest))
+    path = dest / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def _run_entry(cfg, root: Path, chain) -> dict:
+    done = json.loads((RunPaths.of(cfg, root).checkpoints / "done.json").read_text())
+    stamps = {j.notebook.path.stem: json.loads(j.stamp.read_text()) for j in chain}
+    entry = dict(scheme=cfg.run.scheme, seed=cfg.run.seed, commit=_git_commit(project_root()), package=package_hash(),
+                 final_step=done["final_step"], horizon=done.get("horizon", cfg.train.steps),
+                 extended_to=done.get("extended_to"),
+                 seconds={n: s.get("seconds") for n, s in stamps.items()},
+                 machine=stamps[chain[0].notebook.path.stem].get("machine") or machine())
+    if cfg.run.scheme == "seeded":
+        try:
+            entry["donor"] = donor_compute(cfg, root)
+        except DonorMissing:
+            entry["donor"] = None
+    return entry
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Copy the ``*.parquet`` files of ``src`` to ``dst`` (replacing it whole, atomically per run:
+    a temporary copy renamed into place)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    for f in sorted(src.glob("*.parquet")):
+        shutil.copy2(f, tmp / f.name)
+    old = dst.with_name(f".{dst.name}.old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.parquet"))
+
+
+def report(preset: str, results: str | Path | None = None, root: str | Path | None = None) -> Path:
+    """Run notebook 07 on the published results (no checkpoints needed): the report goes to
+    ``<root>/figures/<preset>/report.html``; returns the executed notebook's path."""
+    results = Path(results) if results else project_root() / RESULTS_DIR / preset
+    manifest = read_manifest(results)
+    if manifest is None:
+        raise ResultsError(f"no published results in {results} ({MANIFEST} missing): publish them first "
+                           f"(python -m initmi_utils.results publish --preset {preset} --seeds ...).")
+    root = resolve_root(root)
+    seeds = sorted({r["seed"] for r in manifest["runs"].values()})
+    nb = next(n for n in discover() if n.path.stem == "07_compare")
+    out = root / "data" / "compare" / preset / "07_compare.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    job = Job(nb, out, {"preset": preset, "root": str(root), "results": str(results.resolve()), "seeds": seeds})
+    job.compute_key()
+    start = time.perf_counter()
+    execute(job, KERNEL_NAME)
+    if job.status != "ok":
+        raise ResultsError(f"07_compare failed on {results}: {job.error} (the executed notebook: {out}).")
+    print(f"report from {results} in {time.perf_counter() - start:.0f} s: {root / 'figures' / preset / 'report.html'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m initmi_utils.results", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    pub = sub.add_parser("publish", help="copy finished runs' tables and their manifest into results/<preset>")
+    pub.add_argument("--preset", required=True)
+    pub.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
+    pub.add_argument("--schemes", default="", help="comma-separated schemes (default: all registered)")
+    pub.add_argument("--root", default=None, help="the project root the runs were computed in (default: this one)")
+    pub.add_argument("--dest", default=None, help="default results/<preset>")
+    rep = sub.add_parser("report", help="notebook 07 from results/<preset>, without checkpoints")
+    rep.add_argument("--preset", required=True)
+    rep.add_argument("--results", default=None, help="default results/<preset>")
+    rep.add_argument("--root", default=None, help="where figures/ and data/compare/ are written (default: this project)")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "publish":
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+            schemes = [s for s in a.schemes.split(",") if s.strip()]
+            path = publish(a.preset, seeds, a.root, a.dest, schemes)
+            m = read_manifest(path.parent)
+            print(f"published {len(m['runs'])} runs in {path.parent} ({m['bytes'] / 1e6:.1f} MB of tables)")
+        else:
+            report(a.preset, a.results, a.root)
+    except (ResultsError, PipelineError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
