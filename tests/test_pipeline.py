@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 from initmi_utils.config import PRESET_SEEDS, RunPaths, experiment
@@ -176,7 +177,9 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (tmp_path / "elsewhere" / "figures" / "smoke" / "report.html").exists()
     assert not (results / "data" / "synthetic").exists() and not (results / "figures").exists()  # read, never written
-    import pandas as pd
+    doc = (tmp_path / "elsewhere" / "docs" / "findings_smoke.md").read_text()
+    sentences = pd.read_csv(tmp_path / "data" / "compare" / "smoke" / "findings.csv").sentence
+    assert all(f"- {s}" in doc for s in sentences) and "(smoke preset)" in doc
     for table in ("emergence", "final", "findings"):
         again_t = pd.read_csv(tmp_path / "elsewhere" / "data" / "compare" / "smoke" / f"{table}.csv")
         pd.testing.assert_frame_equal(again_t, pd.read_csv(tmp_path / "data" / "compare" / "smoke" / f"{table}.csv"))
