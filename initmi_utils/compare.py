@@ -50,7 +50,7 @@ from initmi_utils import plots
 from initmi_utils.checkpoints import CheckpointError
 from initmi_utils.config import experiment, resolve_root
 from initmi_utils.findings import findings
-from initmi_utils.head_browser import MAX_CHECKPOINTS, head_browser
+from initmi_utils.head_browser import MAX_CHECKPOINTS, head_browser, stored_head_browser
 from initmi_utils.inference import MEAN_CI, REFERENCE, STATISTICS_TEXT, format_ci, format_level
 from initmi_utils.offsets import REPORT_ORDER
 from initmi_utils.report import Section, words, write_report
@@ -148,10 +148,6 @@ def head_browsers(study: Study, n_checkpoints: int = MAX_CHECKPOINTS) -> Result:
     be read is named instead."""
     sec = Section("Head browser · each head's attention across training", key="head-browser")
     res = Result(sec)
-    if study.manifest is not None:
-        sec.note("Read from published results, which hold no checkpoints: no head browser (run the grid, or open "
-                 "notebook 03 of a run).", "warning")
-        return res
     usable = study.status[study.status.run.isin(study.usable_runs)]
     attention = study.table("attention")
     options, missing = {}, []
@@ -162,7 +158,9 @@ def head_browsers(study: Study, n_checkpoints: int = MAX_CHECKPOINTS) -> Result:
         seed = 0 if 0 in seeds else seeds[0]
         cfg = experiment(study.preset, scheme, seed)
         try:
-            fig = head_browser(cfg, study.root, scores=attention[attention.run == cfg.run.name], n_checkpoints=n_checkpoints)
+            scores = attention[attention.run == cfg.run.name]
+            fig = stored_head_browser(cfg, study.root, scores) if study.manifest is not None else \
+                head_browser(cfg, study.root, scores=scores, n_checkpoints=n_checkpoints)
         except (CheckpointError, FileNotFoundError) as e:
             missing.append(f"{cfg.run.name}: {e}")
             continue

@@ -19,6 +19,11 @@ the two controls compose. Patterns are whole percentages: the shown step's as ``
 which plotly stores as base64 (``{"dtype": "u1", "bdata": …}``), the frames' as integer lists
 (plotly.js does not decode base64 arrays in animation frames: the heatmap would vanish). 8
 checkpoints × 8 heads × 25² cells take ~0.1 MB.
+
+``head_browser(..., keep=True)`` (notebook 03) also writes what the figure shows, the patterns
+as whole percentages, the steps and the tokens (``browser.safetensors`` in the run's tables
+folder, ~40 KB), so that ``stored_head_browser`` draws the same figure without checkpoints: from
+published results (``results.publish`` copies it).
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from safetensors.torch import load_file, save_file
+
 from initmi_utils.attention import patterns_from_cache, token_labels
 from initmi_utils.checkpoints import RunCheckpoints, list_checkpoints
-from initmi_utils.config import ExperimentConfig
+from initmi_utils.config import ExperimentConfig, RunPaths
 from initmi_utils.data import load_dataset
+from initmi_utils.io import atomic_write
 from initmi_utils.tables import table_path
 
 MAX_CHECKPOINTS = 8
@@ -189,18 +197,46 @@ def run_scores(cfg: ExperimentConfig, root: str | Path | None = None) -> pd.Data
     return pd.DataFrame(columns=["step", "layer", "head", "metric", "value"])
 
 
+BROWSER_FILE = "browser.safetensors"
+
+
+def _title(cfg: ExperimentConfig, n_tokens: int, n_steps: int) -> str:
+    return (f"{cfg.run.name} ({cfg.run.preset}): each head's attention on BOS + B + B (B: {(n_tokens - 1) // 2} "
+            f"tokens) at {n_steps} checkpoints")
+
+
 def head_browser(cfg: ExperimentConfig, root: str | Path | None = None, scores: pd.DataFrame | None = None,
-                 n_checkpoints: int = MAX_CHECKPOINTS, block: int = BLOCK, **layout) -> go.Figure:
+                 n_checkpoints: int = MAX_CHECKPOINTS, block: int = BLOCK, keep: bool = False, **layout) -> go.Figure:
     """The browser of run ``cfg``: its checkpoints' patterns on ``browser_tokens``, beside the
     head scores in ``scores`` (default: the run's ``attention`` table). The slider's checkpoints
     are chosen among the analysed ones (``choose_steps``; every checkpoint when no scores).
-    Raises ``CheckpointError`` (naming the training to run) when the run has no checkpoints."""
+    ``keep``: also write the figure's data for ``stored_head_browser``. Raises ``CheckpointError``
+    (naming the training to run) when the run has no checkpoints."""
     ckpts = list_checkpoints(cfg, root, require_done=False)
     scores = run_scores(cfg, root) if scores is None else scores
     scores = scores[scores.step.isin(ckpts.steps)] if len(scores) else scores
     steps = choose_steps(scores, n_checkpoints) if len(scores) else evenly(ckpts.steps, n_checkpoints)
     tokens = browser_tokens(cfg, root, block)
     patterns = browser_patterns(ckpts, steps, tokens)
-    title = (f"{cfg.run.name} ({cfg.run.preset}): each head's attention on BOS + B + B (B: {(len(tokens) - 1) // 2} "
-             f"tokens) at {len(steps)} checkpoints")
-    return head_browser_figure(patterns, tokens.tolist(), scores, title, **layout)
+    if keep:
+        stored = {"steps": torch.tensor(sorted(patterns)), "tokens": tokens.long().clone(),
+                  "patterns": torch.from_numpy(np.stack([_percent(patterns[s]) for s in sorted(patterns)]))}
+        path = RunPaths.of(cfg, root).tables / BROWSER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: save_file(stored, str(p)))
+    return head_browser_figure(patterns, tokens.tolist(), scores, _title(cfg, len(tokens), len(steps)), **layout)
+
+
+def stored_head_browser(cfg: ExperimentConfig, root: str | Path | None = None, scores: pd.DataFrame | None = None,
+                        **layout) -> go.Figure:
+    """``head_browser``'s figure from the data ``head_browser(..., keep=True)`` wrote (no
+    checkpoints: published results). Raises ``FileNotFoundError`` naming the notebook to run."""
+    path = RunPaths.of(cfg, root).tables / BROWSER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no stored head browser for {cfg.run.name} ({path}): run its notebook 03.")
+    stored = load_file(str(path))
+    steps = [int(s) for s in stored["steps"]]
+    patterns = {s: stored["patterns"][i].float() / 100 for i, s in enumerate(steps)}
+    scores = run_scores(cfg, root) if scores is None else scores
+    return head_browser_figure(patterns, stored["tokens"].tolist(), scores, _title(cfg, len(stored["tokens"]), len(steps)),
+                               **layout)

@@ -2,7 +2,7 @@
 so that the comparison, the report and the findings regenerate without training.
 
 ``publish`` copies what notebooks 01-06 wrote for each finished run (the tables
-``data/runs/<preset>/<scheme>/seed<k>/*.parquet``) into ``results/<preset>/`` with the same layout,
+``data/runs/<preset>/<scheme>/seed<k>/*.parquet``, and the head browser's data) into ``results/<preset>/`` with the same layout,
 so that the folder is a ``root`` that ``study.load_study`` reads, and records in
 ``results/<preset>/manifest.json`` per run: the git commit, the package source hash, the hash of
 each notebook's import closure (``sources.closure_hash``), torch and transformer_lens versions, the
@@ -142,11 +142,11 @@ def _run_entry(cfg, root: Path, chain) -> dict:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Copy the ``*.parquet`` files of ``src`` to ``dst`` (replacing it whole, atomically per run:
+    """Copy the tables (``*.parquet``) and stored figure data (``*.safetensors``) of ``src`` to ``dst`` (replacing it whole, atomically per run:
     a temporary copy renamed into place)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    for f in sorted(src.glob("*.parquet")):
+    for f in sorted([*src.glob("*.parquet"), *src.glob("*.safetensors")]):
         shutil.copy2(f, tmp / f.name)
     old = dst.with_name(f".{dst.name}.old")
     if dst.exists():
@@ -156,7 +156,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*.parquet"))
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def findings_markdown(findings: pd.DataFrame, manifest: dict, results: str) -> str:

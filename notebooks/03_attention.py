@@ -82,7 +82,7 @@ fig.show()
 # the slider's checkpoint dashed. Pick the head in the dropdown.
 
 # %%
-fig = head_browser(cfg, root, scores=scores, n_checkpoints=browser_checkpoints)
+fig = head_browser(cfg, root, scores=scores, n_checkpoints=browser_checkpoints, keep=True)  # kept for the report
 save_figure(fig, paths.figures / "03_head_browser", static=False)
 fig.show()
 

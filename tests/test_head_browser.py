@@ -15,7 +15,7 @@ from initmi_utils.attention import checkpoint_patterns
 from initmi_utils.checkpoints import list_checkpoints, save_checkpoint
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.head_browser import (MAX_CHECKPOINTS, browser_patterns, browser_tokens, choose_steps, default_head,
-                                       evenly, head_browser, head_browser_figure)
+                                       BROWSER_FILE, evenly, head_browser, head_browser_figure, stored_head_browser)
 from initmi_utils.model import to_bridge
 from initmi_utils.schemes import build_model
 
@@ -122,3 +122,13 @@ def test_the_browser_draws_the_models_own_patterns(tmp_path):
     fig = head_browser(cfg, tmp_path)  # no attention table: every checkpoint, evenly
     assert [f.name for f in fig.frames] == ["0", "10", "20", "40"]
     assert json.loads(fig.to_json())["layout"]["sliders"][0]["active"] == 3
+    # Kept for published results: the same figure from the stored data, without any checkpoint.
+    kept = head_browser(cfg, tmp_path, keep=True)
+    moved = tmp_path / "published"
+    (RunPaths.of(cfg, moved).tables).mkdir(parents=True)
+    (RunPaths.of(cfg, tmp_path).tables / BROWSER_FILE).rename(RunPaths.of(cfg, moved).tables / BROWSER_FILE)
+    assert not RunPaths.of(cfg, moved).checkpoints.exists()
+    stored = stored_head_browser(cfg, moved)
+    assert json.loads(stored.to_json()) == json.loads(kept.to_json())
+    with pytest.raises(FileNotFoundError, match="run its notebook 03"):
+        stored_head_browser(experiment("smoke", "xavier", 0), moved)
