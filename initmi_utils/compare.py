@@ -234,7 +234,7 @@ def save_outputs(study: Study, results: list[Result], static: bool = True,
 
 def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8, match_step: int = -1,
                 loss_match_target: float = 0.0, role_threshold: float = 0.4, similar_loss_eps: float = 0.05,
-                early_fraction: float = 0.1, cka_sequences: int = 128, n_boot: int | None = None,
+                early_fraction: float = 0.1, cka: bool = True, n_boot: int | None = None,
                 n_perm: int = 10_000, seed: int = 0, static: bool = True, seeds: Sequence[int] | None = None,
                 reference: str = REFERENCE, alpha: float = ALPHA) -> tuple[list[Result], dict[str, Path]]:
     """The whole comparison in one call (what 07_compare runs, cell by cell).
@@ -245,7 +245,7 @@ def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8,
     study = load_study(preset, root, seeds)
     r0 = overview(study)
     r1 = rq1(study, emergence_threshold, n_perm=n_perm, seed=seed, reference=reference, alpha=alpha)
-    r2 = rq2(study, match_step, loss_match_target, role_threshold, similar_loss_eps, cka_sequences=cka_sequences,
+    r2 = rq2(study, match_step, loss_match_target, role_threshold, similar_loss_eps, cka=cka,
              n_perm=n_perm, seed=seed, reference=reference, alpha=alpha, emergence_threshold=emergence_threshold)
     r3 = rq3(study, r1.tables.get("emergence"), early_fraction, n_perm=n_perm, seed=seed, reference=reference,
              alpha=alpha)

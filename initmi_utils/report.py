@@ -150,7 +150,7 @@ WORDS = {
     "classic_induction": "classic induction", "shifted_induction": "shifted induction",
     "long_offset_recall": "long-offset recall", "same_scheme": "same scheme", "loss_gap": "loss gap",
     "ablation_distance": "ablation-profile distance", "role_disagreement": "role disagreement",
-    "cka_final": "CKA, last layer", "cka_mean": "CKA, mean over layers", "after_emergence": "after emergence",
+    "cka_final": "CKA, last layer", "after_emergence": "after emergence",
     "embed": "embedding", "pattern_similarity_to_donor": "pattern similarity to donor",
     "ablation_share": "ablation share", "cka_to_donor": "CKA to donor",
 }

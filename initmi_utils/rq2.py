@@ -40,9 +40,10 @@ from initmi_utils.donor_persistence import seeded_slots
 from initmi_utils.inference import (MEAN_CI_SENTENCE, PAIR_NAME, REFERENCE, band_summary, format_ci,
                                     scheme_tests, summarise)
 from initmi_utils.offsets import REPORT_ORDER, THRESHOLDS, mechanism_labels
+from initmi_utils.probes import ProbeCache
 from initmi_utils.report import Section
 from initmi_utils.stats import ALPHA
-from initmi_utils.study import (ResidualCache, Result, Study, at_matched, feature_table, missing_note,
+from initmi_utils.study import (Result, Study, at_matched, feature_table, missing_note,
                                 runs_of, section_table, seeds_note, show_scheme_tests)
 
 BAND_LEGEND = "scheme (band: 95% t-interval of the mean over seeds)"
@@ -244,10 +245,11 @@ def role_disagreement(a: pd.DataFrame | pd.Series, b: pd.DataFrame | pd.Series) 
 
 
 def similar_loss_pairs(matched: pd.DataFrame, roles: pd.DataFrame, profiles: dict[str, np.ndarray], eps: float,
-                       cka: Callable[[tuple, tuple], dict[str, float]] | None = None) -> pd.DataFrame:
+                       cka: Callable[[tuple, tuple], float] | None = None) -> pd.DataFrame:
     """Pairs of runs whose matched val losses differ by less than ``eps``, with how different
-    their mechanisms are: ablation-profile distance, head-role disagreement and residual CKA
-    (final layer and mean over layers; ``cka`` gives per-hook values for two (scheme, seed, step)).
+    their mechanisms are: ablation-profile distance, head-role disagreement and the CKA of their
+    last layer's residual stream (``cka`` gives it for two (scheme, seed, step): the stored
+    probes' debiased CKA, ``probes.ProbeCache``).
     Same-scheme pairs are kept: they are the seed-to-seed baseline for the cross-scheme ones."""
     m = matched.dropna(subset=["step", "val_loss"]).sort_values("run").reset_index(drop=True)
     counts = {run: role_counts(g) for run, g in roles.groupby("run")} if len(roles) else {}
@@ -259,15 +261,14 @@ def similar_loss_pairs(matched: pd.DataFrame, roles: pd.DataFrame, profiles: dic
             continue
         ra, rb = counts.get(a.run), counts.get(b.run)
         pa, pb = profiles.get(a.run), profiles.get(b.run)
-        c = cka((a.scheme, int(a.seed), int(a.step)), (b.scheme, int(b.seed), int(b.step))) if cka else {}
+        c = cka((a.scheme, int(a.seed), int(a.step)), (b.scheme, int(b.seed), int(b.step))) if cka else math.nan
         rows.append(dict(run_a=a.run, run_b=b.run, same_scheme=a.scheme == b.scheme, step_a=int(a.step),
                          step_b=int(b.step), loss_gap=gap,
                          ablation_distance=profile_distance(pa, pb) if pa is not None and pb is not None else math.nan,
                          role_disagreement=role_disagreement(ra, rb) if ra is not None and rb is not None else math.nan,
-                         cka_final=list(c.values())[-1] if c else math.nan,
-                         cka_mean=float(np.mean(list(c.values()))) if c else math.nan))
+                         cka_final=c))
     cols = ["run_a", "run_b", "same_scheme", "step_a", "step_b", "loss_gap", "ablation_distance",
-            "role_disagreement", "cka_final", "cka_mean"]
+            "role_disagreement", "cka_final"]
     out = pd.DataFrame(rows, columns=cols)
     return out.sort_values(["ablation_distance", "role_disagreement"], ascending=False, na_position="last") \
         .reset_index(drop=True)
@@ -449,7 +450,7 @@ def _mechanism_view(study: Study, sec: Section, res: Result, key: str, label: st
 
 
 def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, matched: pd.DataFrame, role_threshold: float,
-              eps: float, ablation_metric: str, cka_cache: ResidualCache | None, reference: str, n_perm: int,
+              eps: float, ablation_metric: str, cka_cache: ProbeCache | None, reference: str, n_perm: int,
               seed: int, alpha: float) -> None:
     res.tables[f"{key}_matched"] = matched
     _mechanism_view(study, sec, res, key, label, matched)
@@ -504,7 +505,8 @@ def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, mat
         sec.table(pairs, f"{label}: similar loss, different minds — run pairs with |Δ val loss| < {eps}, most "
                          f"different ablation profiles first (cosine distance of within-layer-sorted effects; role "
                          f"disagreement = fraction of heads to relabel under the best within-layer matching; "
-                         f"CKA = linear CKA of residual streams on the same validation tokens).")
+                         f"CKA = debiased linear CKA of the last layer's residual stream on the same probe tokens, "
+                         f"stored by notebook 06).")
         within = pairs.groupby("same_scheme")[["ablation_distance", "role_disagreement", "cka_final"]].mean()
         sec.table(within.reset_index(), f"{label}: mean mechanism distance for same-scheme (seed baseline) vs "
                                         f"cross-scheme pairs.")
@@ -530,9 +532,10 @@ def label_agreement(study: Study, sec: Section, res: Result) -> None:
 
 def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role_threshold: float = 0.4,
         similar_loss_eps: float = 0.05, ablation_metric: str = "zero_ablation_loss_delta",
-        cka_sequences: int = 128, n_boot: int | None = None, n_perm: int = 10_000, seed: int = 0,
+        cka: bool = True, n_boot: int | None = None, n_perm: int = 10_000, seed: int = 0,
         reference: str = REFERENCE, alpha: float = ALPHA, emergence_threshold: float = 0.8) -> Result:
-    """RQ2's section. ``n_boot`` is unused (intervals are t-intervals now); it is accepted so
+    """RQ2's section. ``cka``: the residual-stream CKA of similar-loss pairs, from the probes
+    notebook 06 stores. ``n_boot`` is unused (intervals are t-intervals now); it is accepted so
     that existing calls keep working."""
     sec = Section("RQ2 · Mechanisms at step- and loss-matched checkpoints", folded=True)
     res = Result(sec)
@@ -551,11 +554,7 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
         return res
     used = pd.concat([study.table("attention"), study.table("ablation")])
     sec.text(seeds_note(study, used, "Runs with mechanism tables"))
-    cka_cache = ResidualCache(study.preset, study.root, cka_sequences) if cka_sequences > 0 and not study.manifest \
-        else None
-    if study.manifest and cka_sequences > 0:
-        sec.note("Read from published results, which hold no checkpoints: the residual-stream CKA column is left "
-                 "empty.", "warning")
+    cka_cache = ProbeCache(study.preset, study.root) if cka else None
 
     sm, step = step_matched(candidates, metrics, match_step)
     sec.heading(f"Step-matched: every run at step {step}" if step is not None else "Step-matched")
@@ -607,7 +606,8 @@ def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role
         _rq2_view(study, sec, res, key, f"Loss-matched ({name} ≤ {target:.4g})", lm, role_threshold,
                   similar_loss_eps, ablation_metric, cka_cache, reference, n_perm, seed, alpha)
     if cka_cache is not None and cka_cache.errors:
-        sec.note("CKA left empty where a checkpoint could not be read: " +
+        sec.note("CKA left empty where a stored probe is missing (notebook 06 keeps them at the loss-ladder "
+                 "checkpoints and the last one): " +
                  "; ".join(f"{k}: {v}" for k, v in list(cka_cache.errors.items())[:10]), "warning")
     res.tables["loss_target"] = pd.DataFrame(targets, columns=["view", "loss", "target", "how"])
     return res

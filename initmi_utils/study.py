@@ -16,35 +16,25 @@ Also here, because more than one question uses them:
   into a section (``show_scheme_tests``: omnibus table, then each reference family's table only
   when it can reach significance, else the sentence that says why; see ``inference``);
 - ``final_values`` and ``feature_table``, the long-table reshapes shared by RQ1-3;
-- the residual-stream CKA helpers (``residual_streams``, ``ResidualCache``): linear CKA
-  (``geometry.linear_cka``) computed here, as TransformerLens has no representation-similarity
-  measure. Heads are unordered within a layer (run A's head 2 has no relation to run B's
-  head 2), so every cross-run comparison is invariant to permuting heads within a layer.
+- heads are unordered within a layer (run A's head 2 has no relation to run B's head 2), so
+  every cross-run comparison is invariant to permuting heads within a layer; representation
+  similarity between runs reads the probes notebook 06 stores (``probes.ProbeCache``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import json
-
 import numpy as np
 import pandas as pd
-import torch
-from jaxtyping import Float
-from torch import Tensor
-from transformer_lens.utilities import get_act_name
 
 import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme, which the study orders last)
 from initmi_utils import plots
-from initmi_utils.checkpoints import CheckpointError, list_checkpoints
-from initmi_utils.config import PRESET_SEEDS, PRESETS, RunPaths, experiment, resolve_root
-from initmi_utils.data import load_dataset
-from initmi_utils.geometry import linear_cka
+from initmi_utils.config import PRESET_SEEDS, PRESETS, RunPaths, resolve_root
 from initmi_utils.inference import can_reach, family_note
-from initmi_utils.model import to_bridge
 from initmi_utils.report import Section
 from initmi_utils.schemes import SCHEMES
 from initmi_utils.stats import ALPHA
@@ -210,65 +200,6 @@ def load_study(preset: str, root: str | Path, seeds: Sequence[int] | None = None
     schemes = [s for s in SCHEMES if s in present] + sorted(present - set(SCHEMES))
     return Study(preset, root, tables, status, schemes, grid_seeds(preset, seeds), extended, read_manifest(root))
 
-
-
-# =============================================================================================
-# Linear CKA on residual streams.
-
-
-def residual_streams(model, tokens) -> dict[str, Float[Tensor, "n d_model"]]:
-    """The residual stream after the embedding and after every layer, flattened over
-    (sequence, position) with position 0 dropped: BOS is the same input at the same position in
-    every sequence, a single high-norm point that would otherwise dominate the CKA of both runs.
-
-    One ``run_with_cache`` on the ``TransformerBridge`` view; keys are the hook names.
-    """
-    bridge = to_bridge(model)
-    names = [get_act_name("resid_pre", 0)] + [get_act_name("resid_post", l) for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return {n: cache[n][:, 1:].reshape(-1, cache[n].shape[-1]).detach() for n in names}
-
-
-class ResidualCache:
-    """Residual streams of (run, step) checkpoints on one fixed token set, loaded on demand.
-
-    ``get`` returns None (and records why in ``errors``) when a checkpoint is not there, so a
-    missing checkpoint leaves a CKA cell empty instead of stopping the comparison.
-    """
-
-    def __init__(self, preset: str, root: str | Path, n_sequences: int = 128):
-        self.preset, self.root, self.n_sequences = preset, resolve_root(root), n_sequences
-        self._acts: dict[tuple[str, int], dict | None] = {}
-        self._tokens = None
-        self.errors: dict[str, str] = {}
-
-    def tokens(self, cfg):
-        if self._tokens is None:
-            self._tokens = load_dataset(cfg, self.root).val.tokens[: self.n_sequences]
-        return self._tokens
-
-    def get(self, scheme: str, seed: int, step: int) -> dict | None:
-        key = (f"{scheme}-s{seed}", int(step))
-        if key not in self._acts:
-            try:
-                cfg = experiment(self.preset, scheme, int(seed))
-                ckpts = list_checkpoints(cfg, self.root, require_done=False)
-                if int(step) not in ckpts.steps:
-                    raise CheckpointError(f"no checkpoint at step {step} in {ckpts.folder}")
-                model, _ = ckpts.load(int(step))
-                self._acts[key] = residual_streams(model, self.tokens(cfg))
-            except Exception as e:  # missing/corrupt checkpoint, unknown scheme: report, go on
-                self.errors[f"{key[0]}@{key[1]}"] = f"{type(e).__name__}: {e}"
-                self._acts[key] = None
-        return self._acts[key]
-
-    def cka(self, a: tuple[str, int, int], b: tuple[str, int, int]) -> dict[str, float]:
-        """Per-hook linear CKA between two (scheme, seed, step) checkpoints (empty if unavailable)."""
-        xa, xb = self.get(*a), self.get(*b)
-        if xa is None or xb is None:
-            return {}
-        return {name: linear_cka(xa[name], xb[name]) for name in xa if name in xb}
 
 
 # =============================================================================================

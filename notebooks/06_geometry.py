@@ -19,7 +19,8 @@
 # checkpoint: std, excess kurtosis, skewness, the KS distance of the standardised entries to N(0, 1)
 # relative to a Gaussian sample of the same size, and the spectrum against Marchenko–Pastur.
 #
-# Writes the tables `geometry`, `circuits` and `gaussianity`; figures to the run's figures folder.
+# Writes the tables `geometry`, `circuits` and `gaussianity`, and the probe 07 compares runs on; figures to
+# the run's figures folder.
 
 # %% tags=["parameters"]
 scheme: str = "normal"  # initialisation scheme: normal | xavier | kaiming | orthogonal | scaled_residual | mimetic | seeded
@@ -45,6 +46,7 @@ from initmi_utils.gaussianity import tables as gaussianity_tables
 from initmi_utils.gaussianity_plots import distance_figure
 from initmi_utils.plots import panel_lines, save_figure
 from initmi_utils.schemes import load_scheme_modules
+from initmi_utils.probes import read_probes, write_probes
 from initmi_utils.tables import write_table
 
 load_scheme_modules(scheme_modules)  # the composition null draws fresh inits of this scheme
@@ -120,6 +122,17 @@ for metric, label in (("ks_rel", "KS distance to the fitted Gaussian / null"), (
     fig.show()
 gauss[gauss.step == final].pivot_table(index=["matrix", "layer"], columns=["weights", "metric"], values="value").reindex(
     columns=["std", "kurtosis", "skew", "ks_rel", "mp_ks_rel", "mp_edge_ratio"], level="metric").round(3)
+
+# %% [markdown]
+# ## The probe kept for comparisons between runs
+#
+# The last layer's residual stream on a fixed probe (16 validation sequences × 16 positions, float16) at the
+# loss-ladder checkpoints and the last one: 07 compares runs' representations (debiased CKA) from it, without
+# checkpoints (`initmi_utils.probes`).
+
+# %%
+probe = write_probes(cfg, root)
+print(f"{probe.name}: steps {sorted(read_probes(cfg, root))}, {probe.stat().st_size / 1e3:.0f} kB")
 
 # %% [markdown]
 # ## Head-output similarity at the final checkpoint

@@ -31,7 +31,7 @@ loss_match_target: float = 0.0  # val-loss ladder level of the loss-matched view
 role_threshold: float = 0.4  # attention score a head needs to get a role (induction, prev_token, duplicate, bos)
 similar_loss_eps: float = 0.05  # runs whose matched val losses differ by less than this are "similar loss"
 early_fraction: float = 0.1  # early geometry: the checkpoint nearest this fraction of training
-cka_sequences: int = 128  # validation sequences for residual-stream CKA (0 skips CKA)
+cka: bool = True  # residual-stream CKA of similar-loss pairs, on the probes notebook 06 stores
 n_boot: int = 10000  # unused (intervals are t- and order-statistic intervals); kept for old calls
 n_perm: int = 10000  # permutations for tests (exact enumeration when there are fewer relabellings)
 scheme_modules: str = ""  # comma-separated .py files that register schemes; empty: none, or the INITMI_SCHEME_MODULES variable
@@ -51,7 +51,7 @@ rq1.section.show()
 
 # %%
 rq2 = compare.rq2(study, match_step=match_step, loss_match_target=loss_match_target, role_threshold=role_threshold,
-                  similar_loss_eps=similar_loss_eps, cka_sequences=cka_sequences, n_boot=n_boot, n_perm=n_perm,
+                  similar_loss_eps=similar_loss_eps, cka=cka, n_boot=n_boot, n_perm=n_perm,
                   emergence_threshold=emergence_threshold)
 rq2.section.show()
 

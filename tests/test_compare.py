@@ -463,7 +463,7 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
     assert not tests.loc["xavier", "declared"]  # planted 500 steps later, overlapping seeds: not declared
     texts = " ".join(str(b.caption) + str(b.content) for b in r1.section.blocks if b.kind in ("table", "text"))
     assert "order-statistic interval" in texts and "t-interval" in texts and "log-rank" in texts
-    r2 = C.rq2(study, role_threshold=0.4, similar_loss_eps=0.05, cka_sequences=0, n_perm=300)
+    r2 = C.rq2(study, role_threshold=0.4, similar_loss_eps=0.05, cka=False, n_perm=300)
     pairs = r2.tables["step_similar_loss_pairs"]
     assert len(pairs) and (pairs.loss_gap < 0.05).all()
     same = pairs[pairs.run_a.str.startswith("normal") & pairs.run_b.str.startswith("normal")]
@@ -505,7 +505,7 @@ def test_compare_on_synthetic_study_answers_rq1_to_3(study_root: Path):
 
 def test_report_degrades_gracefully_and_names_missing(tmp_path: Path):
     make_synthetic_study(tmp_path, with_geometry=False, seeds=(0, 1), truncate=("xavier", 1))
-    results, written = C.run_compare(PRESET, tmp_path, n_boot=200, n_perm=200, cka_sequences=8, static=False)
+    results, written = C.run_compare(PRESET, tmp_path, n_boot=200, n_perm=200, cka=True, static=False)
     html = written["report"].read_text(encoding="utf-8")
     assert "kaiming-s4" in html and "normal-s2" in html and "xavier-s1" in html  # missing, missing, incomplete
     assert "Table &#x27;geometry&#x27; was not found" in html or "Table 'geometry' was not found" in html
@@ -554,25 +554,40 @@ def test_a_planted_three_sd_shift_is_declared(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_residual_cka_between_checkpoints(tmp_path: Path):
-    """Two real (untrained) checkpoints: a run is CKA 1 with itself, less with another init;
-    a missing checkpoint leaves the cell empty and says why. Slow: imports TransformerLens."""
+def test_probe_cka_between_runs_without_checkpoints(tmp_path: Path):
+    """Two real (untrained) runs: the probe is kept at the ladder's steps and the last one; a run
+    is CKA 1 with itself, less with another init; the comparison reads the stored probes only
+    (checkpoints deleted); a step without a probe leaves the value empty and says why. Slow:
+    imports TransformerLens."""
+    import json as _json
+    import shutil
+
     from initmi_utils.checkpoints import save_checkpoint
     from initmi_utils.config import RunPaths
+    from initmi_utils.probes import PROBE_POSITIONS, PROBE_SEQUENCES, ProbeCache, probe_positions, write_probes
     from initmi_utils.schemes import build_model
 
     for seed in (0, 1):
         cfg = experiment("smoke", "normal", seed)
-        save_checkpoint(RunPaths.of(cfg, tmp_path).checkpoints, build_model(cfg, tmp_path), cfg, 0, {})
-    cache = ST.ResidualCache("smoke", tmp_path, n_sequences=16)
-    same = cache.cka(("normal", 0, 0), ("normal", 0, 0))
-    other = cache.cka(("normal", 0, 0), ("normal", 1, 0))
-    assert list(same) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values())
-    assert all(v < 0.95 for v in other.values())  # different random embeddings of the same tokens
-    x = cache.get("normal", 0, 0)["blocks.1.hook_resid_post"]
-    assert x.shape == (16 * (32 - 1), 32)  # BOS position dropped
-    assert cache.cka(("normal", 0, 0), ("normal", 0, 40)) == {} and "normal-s0@40" in cache.errors
+        folder = RunPaths.of(cfg, tmp_path).checkpoints
+        for step in (0, 10, 40):
+            save_checkpoint(folder, build_model(cfg, tmp_path), cfg, step, {})
+        (folder / "done.json").write_text(_json.dumps({"final_step": 40}))
+        write_table(pd.DataFrame([dict(step=10, metric="ladder_val_loss", level=3.3, value=3.2, tolerance=0.1),
+                                  dict(step=-1, metric="ladder_val_loss", level=3.2, value=math.nan, tolerance=math.nan)]),
+                    cfg, "ladder", tmp_path)
+        path = write_probes(cfg, tmp_path)
+        shutil.rmtree(folder)
+    assert probe_positions(32) == sorted(set(np.round(np.linspace(1, 31, PROBE_POSITIONS)).astype(int).tolist()))
+    cache = ProbeCache("smoke", tmp_path)
+    x = cache.get("normal", 0, 40)
+    assert x.dtype == torch.float16 and x.shape == (PROBE_SEQUENCES * len(probe_positions(32)), 32)
+    assert cache.get("normal", 0, 10) is not None  # a ladder step
+    assert cache.cka(("normal", 0, 40), ("normal", 0, 40)) == pytest.approx(1.0, abs=1e-6)
+    assert cache.cka(("normal", 0, 40), ("normal", 1, 40)) < 0.95  # different random embeddings of the same tokens
+    assert math.isnan(cache.cka(("normal", 0, 0), ("normal", 1, 40))) and "normal-s0@0" in cache.errors
+    assert math.isnan(cache.cka(("xavier", 0, 40), ("normal", 1, 40))) and "run its notebook 06" in cache.errors["xavier-s0"]
+    assert path.stat().st_size < 2 * 64e3 * 2  # two probes of 16 x 16 x 32 float16, plus the header
 
 
 def test_an_ordering_swap_needs_non_overlapping_intervals_under_both_definitions():
@@ -602,7 +617,7 @@ def test_the_loss_target_is_never_the_plateau_and_every_emerged_run_is_matched_a
     assert lm.loc[emerged, "reached"].all() and lm.loc[emerged, "after_emergence"].all()
     assert not lm.loc[f"{NEVER}-s0", "reached"]  # listed as not reached, never matched on its plateau
     assert (lm.loc[emerged, "tolerance"] >= 0).all()
-    r2 = C.rq2(study, n_perm=200, cka_sequences=0)
+    r2 = C.rq2(study, n_perm=200, cka=False)
     targets = r2.tables["loss_target"].set_index("view").target
     assert targets["loss"] == 2.2 and targets["induction_loss"] == 1.0
     assert "induction_loss_matched" in r2.tables
@@ -610,7 +625,7 @@ def test_the_loss_target_is_never_the_plateau_and_every_emerged_run_is_matched_a
 
 def test_the_report_shows_each_label_against_its_causal_check(study_root: Path):
     study = C.load_study(PRESET, study_root)
-    r2 = C.rq2(study, n_perm=200, cka_sequences=0)
+    r2 = C.rq2(study, n_perm=200, cka=False)
     table = r2.tables["label_agreement"].set_index("label")
     ev = study.table("evidence")
     classic = ev[ev.label == "classic_induction"]
@@ -684,7 +699,7 @@ def test_extended_runs_count_for_emergence_and_nothing_else(tmp_path):
     assert final.loc[("val_acc_induction", NEVER), "mean"] == pytest.approx(0.3)
     ext = r1.tables["extended_runs"].set_index("run")
     assert ext.loc[f"{NEVER}-s1", "emergence_step"] == HORIZON + 1500 and math.isnan(ext.loc[f"{NEVER}-s3", "emergence_step"])
-    res = findings(study, r1, C.rq2(study, cka_sequences=0, n_perm=200), C.rq3(study, r1.tables["emergence"], n_perm=200))
+    res = findings(study, r1, C.rq2(study, cka=False, n_perm=200), C.rq3(study, r1.tables["emergence"], n_perm=200))
     text = " ".join(res.tables["findings"].sentence)
     assert f"5 run(s) without induction by step {HORIZON} were trained on to step {until}; 2 of them emerged" in text
 

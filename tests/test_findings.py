@@ -47,7 +47,7 @@ def answer(root: Path) -> dict[str, list[str]]:
     """Each question's sentences, from the comparison's own functions (CKA off)."""
     study = compare.load_study(TC.PRESET, root)
     r1 = compare.rq1(study, n_perm=500)
-    r2 = compare.rq2(study, cka_sequences=0, n_perm=500)
+    r2 = compare.rq2(study, cka=False, n_perm=500)
     r3 = compare.rq3(study, r1.tables["emergence"], early_fraction=500 / TC.HORIZON, n_perm=500)
     res = findings(study, r1, r2, r3)
     blocks = [b for b in res.section.blocks if b.kind == "finding"]

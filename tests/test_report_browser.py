@@ -289,7 +289,7 @@ def synthetic_report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     make_synthetic_study(root, seeds=(0, 1, 2))
     write_browser_checkpoints(root)
-    compare.run_compare(PRESET, root, n_boot=200, n_perm=200, cka_sequences=0, static=False)
+    compare.run_compare(PRESET, root, n_boot=200, n_perm=200, cka=False, static=False)
     return root
 
 
