@@ -236,12 +236,14 @@ def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8,
                 loss_match_target: float = 0.0, role_threshold: float = 0.4, similar_loss_eps: float = 0.05,
                 early_fraction: float = 0.1, cka: bool = True, n_boot: int | None = None,
                 n_perm: int = 10_000, seed: int = 0, static: bool = True, seeds: Sequence[int] | None = None,
-                reference: str = REFERENCE, alpha: float = ALPHA) -> tuple[list[Result], dict[str, Path]]:
+                reference: str = REFERENCE, alpha: float = ALPHA, out_root: str | Path | None = None
+                ) -> tuple[list[Result], dict[str, Path]]:
     """The whole comparison in one call (what 07_compare runs, cell by cell).
 
     ``reference``: the scheme every other is tested against; ``alpha``: the family-wise level.
     ``n_boot`` is unused (no bootstrap intervals any more); it is accepted so that existing calls
-    keep working."""
+    keep working. ``root`` may be published results (``results/<preset>``); ``out_root``: where
+    the outputs go (default ``root``)."""
     study = load_study(preset, root, seeds)
     r0 = overview(study)
     r1 = rq1(study, emergence_threshold, n_perm=n_perm, seed=seed, reference=reference, alpha=alpha)
@@ -252,4 +254,4 @@ def run_compare(preset: str, root: str | Path, emergence_threshold: float = 0.8,
     r4 = persistence(study)
     found = findings(study, r1, r2, r3, emergence_threshold, reference, alpha)
     results = [found, head_browsers(study), r0, headline(study, r1, r2), r1, r2, r3, r4]
-    return results, save_outputs(study, results, static)
+    return results, save_outputs(study, results, static, out_root)
