@@ -202,8 +202,8 @@ def compute_matched(study: Study, em: pd.DataFrame) -> pd.DataFrame:
     steps of its chosen donor (``seeded.donor_compute``), and the same in training FLOPs
     (``model.flops_per_token`` x tokens; the donor's and the student's per-step FLOPs differ).
     Rows only for seeded runs whose donor choice is on disk (or in the published results'
-    manifest); ``total_steps_all_candidates`` adds
-    the donors tried and not chosen (the policy's whole cost)."""
+    manifest); ``total_steps_all_candidates`` adds the donors tried and not chosen (the policy's
+    whole cost)."""
     rows = []
     for r in em[em.scheme == "seeded"].itertuples(index=False):
         cfg = experiment(study.preset, "seeded", int(r.seed))

@@ -648,7 +648,7 @@ def test_seeded_emergence_is_also_counted_with_its_donors_steps(tmp_path):
     chosen = next(c for c in choice["candidates"] if c["seed"] == choice["chosen_seed"])
     em = pd.DataFrame([dict(run="seeded-s0", scheme="seeded", seed=0, emergence_step=10.0),
                        dict(run="normal-s0", scheme="normal", seed=0, emergence_step=30.0)])
-    cm = rq1_module.compute_matched(SimpleNamespace(preset="smoke", root=tmp_path), em)
+    cm = rq1_module.compute_matched(SimpleNamespace(preset="smoke", root=tmp_path, manifest=None), em)
     assert list(cm.run) == ["seeded-s0"]  # only seeded runs carry a donor
     row = cm.iloc[0]
     assert row.donor_steps == chosen["final_step"] and row.total_steps == chosen["final_step"] + 10
