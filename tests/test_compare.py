@@ -655,7 +655,7 @@ def test_seeded_emergence_is_also_counted_with_its_donors_steps(tmp_path):
     assert row.total_steps_all_candidates == sum(c["final_step"] for c in choice["candidates"]) + 10
     per_step = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
     assert row.student_flops_per_step == per_step and row.total_flops > 10 * per_step
-    assert rq1_module.compute_matched(SimpleNamespace(preset="smoke", root=tmp_path / "none"), em).empty
+    assert rq1_module.compute_matched(SimpleNamespace(preset="smoke", root=tmp_path / "none", manifest=None), em).empty
 
 
 # ---------------------------------------------------------------------------------------------
