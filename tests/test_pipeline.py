@@ -173,7 +173,8 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
     dst = RunPaths.of(experiment("smoke", "normal", 0), results).tables
     kept = sorted(p.name for p in [*src.glob("*.parquet"), *src.glob("*.safetensors")])
     assert sorted(p.name for p in dst.iterdir()) == kept and {"probe.safetensors", "browser.safetensors"} <= set(kept)
-    assert not list(results.rglob("*.safetensors")) and not list(results.rglob("*.ipynb"))
+    assert not (results / "checkpoints").exists() and not list(results.rglob("step_*.safetensors"))  # no checkpoint
+    assert not list(results.rglob("*.ipynb"))
     out = _results("report", "--preset", "smoke", "--results", str(results), "--root", str(tmp_path / "elsewhere"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (tmp_path / "elsewhere" / "figures" / "smoke" / "report.html").exists()
