@@ -56,6 +56,17 @@ figures: $(INSTALLED)
 publish: $(INSTALLED)
 	$(BIN)/python -m initmi_utils.results publish --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS))
 
+# The mechanism labels against their causal evidence on seeds the thresholds were not tuned on (0-4):
+# notebooks 01 and 04 with the evidence at every checkpoint, into heldout/ (git-ignored), then
+# results/labels/<preset>_seeds<a>-<b>.csv and the label x evidence tables. SCHEMES narrows the grid.
+HELDOUT_SEEDS ?= 5,6,7,8,9
+SCHEMES ?=
+.PHONY: validate-labels
+validate-labels: $(INSTALLED)
+	$(BIN)/python -m initmi_utils.pipeline --preset $(PRESET) --seeds $(HELDOUT_SEEDS) --notebooks 01,04 --root heldout \
+		--param evidence_every_checkpoint=true --workers $(WORKERS) $(if $(SCHEMES),--schemes $(SCHEMES))
+	$(BIN)/python -m initmi_utils.results labels --preset $(PRESET) --seeds $(HELDOUT_SEEDS) --root heldout
+
 # The comparison, the report (figures/$(PRESET)/report.html) from results/$(PRESET) alone: no checkpoints.
 report: $(INSTALLED)
 	$(BIN)/python -m initmi_utils.results report --preset $(PRESET)

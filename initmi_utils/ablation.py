@@ -425,7 +425,8 @@ PATCHING_SOURCES = ("patch_head_normalised",)  # the per-head effects whose loca
 
 
 def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: int = 32, n_patch_pairs: int = 32,
-           positions_every_checkpoint: bool = False, n_heldout: int = 64) -> dict[str, pd.DataFrame]:
+           positions_every_checkpoint: bool = False, n_heldout: int = 64,
+           evidence_every_checkpoint: bool = False) -> dict[str, pd.DataFrame]:
     """Notebook 04's tables of run ``cfg`` under ``root``: ``{"ablation", "patching", "paths"}``.
 
     - ``ablation``: at every checkpoint, ``ablation_effects`` on the first ``n_examples`` sequences
@@ -438,7 +439,9 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
     - ``paths``: ``mechanism_paths`` at the final checkpoint (``val`` for the label, the same
       ``rep`` subset for the ablations), with its ``step``; no rows when the label is ``none``;
     - ``evidence``: ``label_evidence`` at the final checkpoint as one row (``evidence_rows``): the
-      label next to the causal criterion it must pass.
+      label next to the causal criterion it must pass; one row per checkpoint with
+      ``evidence_every_checkpoint`` (label validation: checkpoints caught mid-emergence give the
+      ``partial`` examples a final checkpoint rarely has).
 
     ``ablated_layer``, ``ablated_head``, ``top_layer`` and ``top_head`` are -1 where they do not apply.
     Raises ``CheckpointError`` naming the training to run if the run is not trained.
@@ -447,7 +450,7 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
     ds = load_dataset(cfg, root)
     rep, pairs = subset_batch(ds.rep, n_examples), subset_pairs(ds.patch, n_patch_pairs)
     final = ckpts.steps[-1]
-    ablation_frames, patching_frames, paths, evidence = [], [], None, None
+    ablation_frames, patching_frames, evidence_frames, paths = [], [], [], None
     for step, model, bridge in ckpts.bridges():
         ab = ablation_effects(bridge, rep)
         pa = patching_effects(bridge, pairs, cfg.data.rep_len, positions=positions_every_checkpoint or step == final)
@@ -456,13 +459,14 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_examples: in
         patching_frames += [pa.assign(step=step), localisation_table(pa, PATCHING_SOURCES).assign(step=step)]
         if step == final:  # here, not after the loop: the bridge is refilled by every step
             paths = mechanism_paths(model, bridge, ds.val, rep).assign(step=final)
-            evidence = evidence_rows(label_evidence(model, bridge, ds.val, rep)).assign(step=final)
+        if step == final or evidence_every_checkpoint:
+            evidence_frames.append(evidence_rows(label_evidence(model, bridge, ds.val, rep)).assign(step=step))
     out = {"ablation": pd.concat(ablation_frames, ignore_index=True), "patching": pd.concat(patching_frames, ignore_index=True)}
     for df in out.values():
         for col in ("ablated_layer", "ablated_head", "top_layer", "top_head"):
             if col in df:
                 df[col] = df[col].fillna(-1).astype(int)
-    return {**out, "paths": paths, "evidence": evidence}
+    return {**out, "paths": paths, "evidence": pd.concat(evidence_frames, ignore_index=True)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,6 +244,7 @@ class Thresholds:
 
 
 THRESHOLDS = Thresholds()
+TUNING_SEEDS = (0, 1, 2, 3, 4)  # the init seeds the thresholds were read from (``Thresholds``' provenance)
 # The same values under their old names (read-only copies: change ``Thresholds``, not these).
 CLASSIC_MIN_PLUS1 = THRESHOLDS.classic_min_plus1
 SHIFTED_MIN_PLUS2 = THRESHOLDS.shifted_min_plus2

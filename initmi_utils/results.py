@@ -21,6 +21,7 @@ Command line::
 
     python -m initmi_utils.results publish --preset full --seeds 0 [--root DIR] [--dest DIR]
     python -m initmi_utils.results report --preset full      # 07 from results/full, no checkpoints
+    python -m initmi_utils.results labels --preset quick --seeds 5,6,7,8,9 --root DIR   # held-out labels
 
 ``report`` also writes ``docs/findings.md`` (``findings_markdown``): the report's findings, every
 number inserted by code, with the manifest's provenance and nothing time-dependent, so that
@@ -50,6 +51,7 @@ from initmi_utils.sources import LIBRARIES, _version, closure_hash, machine, pac
 from initmi_utils.study import MANIFEST, read_manifest
 
 RESULTS_DIR = "results"  # under the project root: results/<preset>/
+LABELS_DIR = "labels"  # results/labels/<preset>_seeds<a>-<b>.csv: label validation on held-out seeds
 
 
 class ResultsError(RuntimeError):
@@ -213,6 +215,48 @@ def report(preset: str, results: str | Path | None = None, root: str | Path | No
     return out
 
 
+def label_validation(preset: str, seeds, root: str | Path | None = None,
+                     dest: str | Path | None = None) -> tuple[Path, dict[str, pd.DataFrame]]:
+    """The mechanism labels against their causal criterion on runs the thresholds were not tuned on.
+
+    Reads the ``evidence`` tables notebook 04 wrote for ``seeds`` of ``preset`` under ``root``
+    (run it with ``evidence_every_checkpoint`` so that checkpoints caught mid-emergence give the
+    ``partial`` examples a final checkpoint rarely has) and writes them, one row per checkpoint,
+    to ``dest`` (default ``results/labels/<preset>_seeds<a>-<b>.csv``; small, committed). Returns
+    that path and ``ablation.agreement_table`` over the final checkpoints (``final``), every
+    checkpoint (``every``) and every checkpoint per scheme (``by_scheme``, label x scheme: n and
+    passes). Refuses seeds the thresholds were tuned on (``offsets.TUNING_SEEDS``): they are not
+    held out."""
+    from initmi_utils.ablation import agreement_table
+    from initmi_utils.offsets import TUNING_SEEDS
+    from initmi_utils.tables import read_table
+
+    seeds = sorted({int(s) for s in seeds})
+    if not seeds:
+        raise ResultsError("name the held-out seeds (--seeds 5,6,7,8,9): the thresholds were tuned on seeds "
+                           f"{', '.join(map(str, TUNING_SEEDS))}.")
+    tuned = sorted(set(seeds) & set(TUNING_SEEDS))
+    if tuned:
+        raise ResultsError(f"seeds {tuned} are the ones the label thresholds were tuned on (offsets.TUNING_SEEDS), "
+                           f"not held out: pass other seeds, e.g. --seeds 5,6,7,8,9.")
+    root = resolve_root(root)
+    ev = read_table(preset, "evidence", root)
+    ev = ev[ev.seed.isin(seeds)].sort_values(["scheme", "seed", "step"]).reset_index(drop=True)
+    if ev.empty:
+        raise ResultsError(f"no evidence tables for {preset} seeds {seeds} under {root}: run notebooks 01 and 04 "
+                           f"first (python -m initmi_utils.pipeline --preset {preset} --seeds "
+                           f"{','.join(map(str, seeds))} --notebooks 01,04 --param evidence_every_checkpoint=true "
+                           f"--root {root}).")
+    final = ev[ev.step == ev.groupby("run").step.transform("max")]
+    tables = {"final": agreement_table(final), "every": agreement_table(ev)}
+    tables["by_scheme"] = pd.concat({s: agreement_table(g)[["n", "passes"]] for s, g in ev.groupby("scheme")},
+                                    axis=1).fillna(0).astype(int)
+    dest = Path(dest) if dest else project_root() / RESULTS_DIR / LABELS_DIR / f"{preset}_seeds{seeds[0]}-{seeds[-1]}.csv"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest, ev.to_csv(index=False, float_format="%.6g"))
+    return dest, tables
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m initmi_utils.results", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--results", default=None, help="default results/<preset>")
     rep.add_argument("--root", default=None, help="where figures/ and data/compare/ are written (default: this project)")
     rep.add_argument("--doc", default=None, help="the findings' Markdown (default: docs/findings.md for full)")
+    lab = sub.add_parser("labels", help="mechanism labels vs causal evidence on held-out seeds (notebook 04's evidence)")
+    lab.add_argument("--preset", required=True)
+    lab.add_argument("--seeds", required=True, help="comma-separated held-out seeds, e.g. 5,6,7,8,9")
+    lab.add_argument("--root", default=None, help="the project root the runs were computed in (default: this one)")
+    lab.add_argument("--dest", default=None, help="default results/labels/<preset>_seeds<a>-<b>.csv")
     a = p.parse_args(argv)
     try:
         if a.command == "publish":
@@ -235,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             path = publish(a.preset, seeds, a.root, a.dest, schemes)
             m = read_manifest(path.parent)
             print(f"published {len(m['runs'])} runs in {path.parent} ({m['bytes'] / 1e6:.1f} MB of tables)")
+        elif a.command == "labels":
+            path, tables = label_validation(a.preset, [s for s in a.seeds.split(",") if s.strip()], a.root, a.dest)
+            for name, t in tables.items():
+                print(f"\n{name}:\n{t.to_string()}")
+            print(f"\nper-checkpoint evidence: {path}")
         else:
             report(a.preset, a.results, a.root, a.doc)
     except (ResultsError, PipelineError, ValueError) as e:

@@ -516,18 +516,26 @@ def _rq2_view(study: Study, sec: Section, res: Result, key: str, label: str, mat
 
 def label_agreement(study: Study, sec: Section, res: Result) -> None:
     """Each run's final-checkpoint label against the causal criterion (table ``evidence``, written
-    by notebook 04 from ``ablation.label_evidence``): per label, how many runs pass it."""
+    by notebook 04 from ``ablation.label_evidence``): per label, how many runs pass it. When 04 ran
+    with ``evidence_every_checkpoint`` (label validation), a second table counts every checkpoint."""
     ev = study.table("evidence")
     if ev.empty:
         return
-    table = agreement_table(ev).reset_index()
+    final = ev[ev.step == ev.groupby("run").step.transform("max")]
+    table = agreement_table(final).reset_index()
     res.tables["label_agreement"] = table
     res.tables["label_evidence"] = ev
     sec.heading("Do the mechanism labels agree with causal evidence? (final checkpoints)")
-    sec.table(table, f"Label × causal evidence over runs: a label passes when mean-ablating its deciding head costs ≥ "
-                     f"{ABLATION_MIN_DROP} induction accuracy on BOS + A + A and its implied paths (classic: K; shifted "
-                     f"and recall: K and V) each carry ≥ {PATH_MIN_SHARE} of that drop, a path being one layer-0 head or all "
-                     f"of them, directly or through MLP0; `none` passes when no layer-1 head's ablation costs that much.")
+    criterion = (f"a label passes when mean-ablating its deciding head costs ≥ {ABLATION_MIN_DROP} induction accuracy on "
+                 f"BOS + A + A and its implied paths (classic: K; shifted and recall: K and V) each carry ≥ "
+                 f"{PATH_MIN_SHARE} of that drop, a path being one layer-0 head or all of them, directly or through "
+                 f"MLP0; `none` passes when no layer-1 head's ablation costs that much.")
+    sec.table(table, f"Label × causal evidence over runs: {criterion}")
+    if len(ev) > len(final):
+        every = agreement_table(ev).reset_index()
+        res.tables["label_agreement_every_checkpoint"] = every
+        sec.table(every, f"Label × causal evidence over every checkpoint with evidence ({len(ev)} checkpoints of "
+                         f"{ev.run.nunique()} runs): the same criterion.")
 
 
 def rq2(study: Study, match_step: int = -1, loss_match_target: float = 0.0, role_threshold: float = 0.4,

@@ -22,6 +22,7 @@ root: str = ""  # project root for checkpoints/, data/ and figures/; empty: this
 n_examples: int = 32  # repeated-random sequences each ablation is measured on
 n_patch_pairs: int = 32  # clean/corrupted pairs for activation patching
 positions_every_checkpoint: bool = False  # per-position patching at every checkpoint (slow) or only the final one
+evidence_every_checkpoint: bool = False  # label vs causal evidence at every checkpoint (label validation) or only the final one
 
 # %%
 import pandas as pd
@@ -43,11 +44,13 @@ print(f"{cfg.run.name} ({preset}): {len(ckpts.steps)} checkpoints {list(ckpts.st
 # %% [markdown]
 # ## Ablations and patching at every checkpoint
 #
-# `ablation.tables` also computes the tables `paths` and `evidence` at the final checkpoint (last sections).
+# `ablation.tables` also computes the tables `paths` and `evidence` at the final checkpoint (last sections;
+# `evidence` at every checkpoint with `evidence_every_checkpoint`).
 
 # %%
 tables = ablation_tables(cfg, root, n_examples=n_examples, n_patch_pairs=n_patch_pairs,
-                         positions_every_checkpoint=positions_every_checkpoint)
+                         positions_every_checkpoint=positions_every_checkpoint,
+                         evidence_every_checkpoint=evidence_every_checkpoint)
 for name, df in tables.items():
     write_table(df, cfg, name, root)
 ablation, patching, paths_table = tables["ablation"], tables["patching"], tables["paths"]
@@ -141,7 +144,7 @@ else:
 # %% [markdown]
 # ## Does the label pass its causal check?
 #
-# `ablation.label_evidence` at the final checkpoint (table `evidence`): the copying-mechanism label, the
+# `ablation.label_evidence` at the final checkpoint, or at every one with `evidence_every_checkpoint` (table `evidence`): the copying-mechanism label, the
 # induction-accuracy drop when its deciding head is mean-ablated (it must be ≥ 0.3), and the largest
 # path drop through Q, K and V, a path being one layer-0 head or all of them, directly or through MLP0
 # (classic needs K; shifted and recall need K and V, each ≥ 0.2 of the head's drop). `causal_ok` (value) is 1 when both hold; for `none`, when no layer-1 head's ablation

@@ -151,6 +151,32 @@ def test_ablation_tables(run):
     assert set(every[every.metric == "patch_resid_pre_normalised"].step) == set(STEPS)
 
 
+def test_label_evidence_at_every_checkpoint_feeds_the_held_out_validation(run, tmp_path):
+    """``evidence_every_checkpoint``: one evidence row per checkpoint, the final one the default's;
+    ``results.label_validation`` counts them per label for held-out seeds and refuses tuning seeds."""
+    from initmi_utils.results import ResultsError, label_validation
+
+    cfg, root = run
+    ev = ablation.tables(cfg, root, n_examples=8, n_patch_pairs=8, evidence_every_checkpoint=True)["evidence"]
+    assert list(ev.step) == list(STEPS)
+    default = ablation.tables(cfg, root, n_examples=8, n_patch_pairs=8)["evidence"]
+    pd.testing.assert_frame_equal(ev[ev.step == FINAL].reset_index(drop=True), default)
+    assert ev.set_index("step").label[FINAL] == "classic_induction"
+    noisy = ev.set_index("step").label[0]  # noise 1.0 swamps the circuit: no classic head to name
+
+    held = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=5))
+    write_table(ev, held, "evidence", tmp_path)
+    dest, tables = label_validation(cfg.run.preset, [5], tmp_path, tmp_path / "labels.csv")
+    assert tables["final"].loc["classic_induction", "n"] == 1 and tables["final"].n.sum() == 1
+    assert tables["every"].n.sum() == len(STEPS) and tables["every"].loc[noisy, "n"] >= 1
+    assert tables["by_scheme"][("normal", "n")].sum() == len(STEPS)
+    assert len(pd.read_csv(dest)) == len(STEPS)
+    with pytest.raises(ResultsError, match="tuned on"):
+        label_validation(cfg.run.preset, [0, 5], tmp_path, tmp_path / "x.csv")
+    with pytest.raises(ResultsError, match="run notebooks 01 and 04"):
+        label_validation(cfg.run.preset, [6], tmp_path, tmp_path / "y.csv")
+
+
 def test_logit_lens_tables(run):
     cfg, root = run
     out = logit_lens.tables(cfg, root, n_val=16, n_rep=8, rank1_fraction=0.5)
