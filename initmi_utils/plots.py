@@ -289,10 +289,21 @@ def static_export_status() -> tuple[bool, str]:
     return True, f"kaleido {version} with {browser}"
 
 
+_KALEIDO_SERVER = False  # whether this process's kaleido server (one browser for every export) is running
+
+
 def write_static(items: Sequence[tuple[go.Figure, Path]]) -> list[Path]:
-    """Write each (figure, path) as an image in one kaleido session (the format is the path's
-    suffix: .png, .svg, .pdf), with the browser of ``static_browser`` and MathJax off (its
-    default is a CDN). Raises when kaleido or the browser fails; call ``static_export_status`` first."""
+    """Write each (figure, path) as an image (the format is the path's suffix: .png, .svg, .pdf),
+    with the browser of ``static_browser`` and MathJax off (its default is a CDN). Raises when
+    kaleido or the browser fails; call ``static_export_status`` first.
+
+    kaleido >= 1 starts a browser per call unless its sync server runs: one per process is started
+    on first use and kept (kaleido closes it at exit; a killed kernel takes it along with its
+    process group). A notebook saves up to 7 figures and a warm grid kernel runs many notebooks,
+    so one browser launch (≈ 5 s on 2 cores) per figure would cost a run about 2 minutes; with the
+    server a figure's PNG and SVG take under a second. A server that fails is stopped and the call
+    retried once in a browser of its own."""
+    global _KALEIDO_SERVER
     import kaleido  # imported only when exporting: it starts nothing, but pulls in choreographer
 
     if int(metadata.version("kaleido").split(".")[0]) < 1:
@@ -305,7 +316,18 @@ def write_static(items: Sequence[tuple[go.Figure, Path]]) -> list[Path]:
         specs.append(dict(fig=fig.to_dict(), path=str(path),
                           opts=dict(format=Path(path).suffix.lstrip("."), width=layout.width or 900,
                                     height=layout.height or 520)))
-    kaleido.write_fig_from_object_sync(specs, kopts=dict(path=static_browser(), mathjax=False))
+    kopts = dict(path=static_browser(), mathjax=False)
+    try:
+        if not _KALEIDO_SERVER:
+            kaleido.start_sync_server(silence_warnings=True, **kopts)
+            _KALEIDO_SERVER = True
+        result = kaleido.write_fig_from_object_sync(specs)
+        if isinstance(result, BaseException):
+            raise result
+    except Exception:
+        kaleido.stop_sync_server(silence_warnings=True)
+        _KALEIDO_SERVER = False
+        kaleido.write_fig_from_object_sync(specs, kopts=kopts)
     return [Path(p) for _, p in items]
 
 
