@@ -632,6 +632,17 @@ def test_the_report_shows_each_label_against_its_causal_check(study_root: Path):
     assert table.loc["classic_induction", "n"] == len(classic)
     assert table.loc["classic_induction", "path_fails"] == (classic.seed == 4).sum() > 0
     assert table.loc["classic_induction", "passes"] == len(classic) - (classic.seed == 4).sum()
+    assert "label_agreement_every_checkpoint" not in r2.tables  # one checkpoint per run: one table
+
+    # Evidence at every checkpoint (label validation): the runs' earlier checkpoints, here planted as
+    # `partial` failing their check, join the every-checkpoint table and leave the final one as it was.
+    earlier = classic.assign(step=classic.step - 1, label="partial", value=0.0, ablation_ok=0.0)
+    study.tables["evidence"] = pd.concat([ev, earlier], ignore_index=True)
+    r2 = C.rq2(study, n_perm=200, cka=False)
+    pd.testing.assert_frame_equal(r2.tables["label_agreement"].set_index("label"), table)
+    every = r2.tables["label_agreement_every_checkpoint"].set_index("label")
+    assert every.loc["partial", "n"] == every.loc["partial", "fails"] == len(classic) > 0
+    assert every.loc["classic_induction", "n"] == len(classic) and every.n.sum() == len(ev) + len(classic)
 
 
 @pytest.mark.filterwarnings("ignore::initmi_utils.seeded.DonorWarning")
