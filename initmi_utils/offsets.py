@@ -234,6 +234,13 @@ class Thresholds:
       with one >= 0.74 even on short copies (module docstring: why 0.5).
 
     ``tests/test_offsets.py`` pins each value with planted answers on both sides of it.
+
+    HELD OUT: quick seeds 5-9 of normal, xavier, orthogonal and mimetic, every checkpoint
+    (``make validate-labels``; ``results/labels/quick_seeds5-9.csv``) against the causal criterion
+    of ``ablation.label_evidence``: every ``none`` passes, ``classic_induction`` passes at all but
+    two checkpoints just above the accuracy floor, and every ``partial`` (classic attention, accuracy
+    below the floor) fails it, as it should: its head does not yet carry the behaviour. No shifted
+    or recall example occurred there.
     """
 
     classic_min_plus1: float = 0.3  # direct mass on +1 that makes a head an induction head
