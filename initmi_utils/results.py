@@ -42,13 +42,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from initmi_utils.ablation import agreement_table
 from initmi_utils.config import PRESETS, RunPaths, experiment, project_root, resolve_root
 from initmi_utils.io import atomic_write_text
 from initmi_utils.jobs import KERNEL_NAME, Job, PipelineError, discover, execute
+from initmi_utils.offsets import TUNING_SEEDS
 from initmi_utils.pipeline import plan, resolve_schemes, resolve_seeds
 from initmi_utils.seeded import DonorMissing, donor_compute
 from initmi_utils.sources import LIBRARIES, _version, closure_hash, machine, package_hash
 from initmi_utils.study import MANIFEST, read_manifest
+from initmi_utils.tables import read_table
 
 RESULTS_DIR = "results"  # under the project root: results/<preset>/
 LABELS_DIR = "labels"  # results/labels/<preset>_seeds<a>-<b>.csv: label validation on held-out seeds
@@ -227,10 +230,6 @@ def label_validation(preset: str, seeds, root: str | Path | None = None,
     checkpoint (``every``) and every checkpoint per scheme (``by_scheme``, label x scheme: n and
     passes). Refuses seeds the thresholds were tuned on (``offsets.TUNING_SEEDS``): they are not
     held out."""
-    from initmi_utils.ablation import agreement_table
-    from initmi_utils.offsets import TUNING_SEEDS
-    from initmi_utils.tables import read_table
-
     seeds = sorted({int(s) for s in seeds})
     if not seeds:
         raise ResultsError("name the held-out seeds (--seeds 5,6,7,8,9): the thresholds were tuned on seeds "
