@@ -574,6 +574,12 @@ def evidence_rows(evidence: dict) -> pd.DataFrame:
                               value=float(bool(evidence["causal_ok"])))])
 
 
+def final_evidence(evidence: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each run's last checkpoint in an ``evidence`` table (notebook 04 writes one row
+    per checkpoint with ``evidence_every_checkpoint``, else only the final one)."""
+    return evidence[evidence.step == evidence.groupby("run").step.transform("max")]
+
+
 def agreement_table(rows) -> pd.DataFrame:
     """Label x causal evidence: per label (``REPORT_ORDER``, every label even when absent), ``n``
     checkpoints, how many the causal criterion supports (``passes``) and not (``fails``), the

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from initmi_utils.ablation import agreement_table
+from initmi_utils.ablation import agreement_table, final_evidence
 from initmi_utils.config import PRESETS, RunPaths, experiment, project_root, resolve_root
 from initmi_utils.io import atomic_write_text
 from initmi_utils.jobs import KERNEL_NAME, Job, PipelineError, discover, execute
@@ -246,7 +246,7 @@ def label_validation(preset: str, seeds, root: str | Path | None = None,
                            f"first (python -m initmi_utils.pipeline --preset {preset} --seeds "
                            f"{','.join(map(str, seeds))} --notebooks 01,04 --param evidence_every_checkpoint=true "
                            f"--root {root}).")
-    final = ev[ev.step == ev.groupby("run").step.transform("max")]
+    final = final_evidence(ev)
     tables = {"final": agreement_table(final), "every": agreement_table(ev)}
     tables["by_scheme"] = pd.concat({s: agreement_table(g)[["n", "passes"]] for s, g in ev.groupby("scheme")},
                                     axis=1).fillna(0).astype(int)

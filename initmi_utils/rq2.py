@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from initmi_utils import plots
-from initmi_utils.ablation import ABLATION_MIN_DROP, PATH_MIN_SHARE, agreement_table
+from initmi_utils.ablation import ABLATION_MIN_DROP, PATH_MIN_SHARE, agreement_table, final_evidence
 from initmi_utils.behavior import emergence_table, evaluation_grid
 from initmi_utils.config import PRESETS
 from initmi_utils.donor_persistence import seeded_slots
@@ -521,7 +521,7 @@ def label_agreement(study: Study, sec: Section, res: Result) -> None:
     ev = study.table("evidence")
     if ev.empty:
         return
-    final = ev[ev.step == ev.groupby("run").step.transform("max")]
+    final = final_evidence(ev)
     table = agreement_table(final).reset_index()
     res.tables["label_agreement"] = table
     res.tables["label_evidence"] = ev
