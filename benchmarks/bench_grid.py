@@ -179,8 +179,8 @@ def list_schedule(tasks: Iterable[Task], workers: int, priority: dict[str, int] 
     submission order; a job is ready when every job it depends on has finished.
 
     Why simulate rather than run: Dask cannot tell what a cluster one does not have would do, and
-    the full study takes hours per try. This greedy rule is what the pipeline asks Dask for
-    (priorities, no queue held back on the scheduler); Graham's bound makes it at most
+    the full study takes hours per try. This greedy rule is what the pipeline runs
+    (``cluster.dispatch``); Graham's bound makes it at most
     work / N + (1 - 1/N) x critical path, whatever the graph.
     """
     if workers < 1:

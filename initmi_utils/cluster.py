@@ -2,10 +2,12 @@
 
 With no scheduler given, ``connect`` starts a ``LocalCluster`` of ``workers`` processes x 1 thread
 on 127.0.0.1 and shuts it down afterwards; given one (``tcp://host:port``), it submits to that
-scheduler's workers. Either way ``run_grid`` submits every job as a Dask task with its
-dependencies declared (a seed's donor -> the jobs that read it; a run's training -> its analyses;
-every run -> the comparison) and Dask priorities (donors, then trainings, then analyses), and
-returns as jobs finish.
+scheduler's workers. Either way ``run_grid`` hands the jobs to ``dispatch``, which keeps as many
+jobs in flight as the cluster has worker threads: whenever one finishes, the ready job of highest
+priority (donors, then trainings, then analyses; ties in plan order) is submitted next, and a job
+is ready when what it depends on has finished (a seed's donor -> the jobs that read it; a run's
+training -> its analyses; every run -> the comparison). This is the list schedule that
+``benchmarks/bench_grid.py`` simulates.
 
 Each worker keeps one warm Jupyter kernel (``KernelPlugin``, a Dask ``WorkerPlugin``): imports are
 paid once per worker, not per notebook. The kernel restarts when the package source changes
@@ -19,17 +21,20 @@ worker the same package source (checked at start: ``check_workers``) and the ``i
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import os
 import sys
 import threading
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import dask
-from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
+from distributed import Client, LocalCluster, WorkerPlugin, get_worker, wait
 
 from initmi_utils.jobs import (
     HOST,
@@ -83,15 +88,12 @@ def _announce(label: str, kind: str) -> None:
     worker.log_event(TOPIC, {"label": label, "kind": kind, "worker": worker.address})
 
 
-def run_notebook(job: Job, *upstream: dict) -> dict:
-    """The task of one notebook on a worker: blocked when something it depends on failed,
-    refused when the worker's package source differs from the client's, otherwise executed in
-    the worker's warm kernel. Returns a small record; the notebook's results are files."""
+def run_notebook(job: Job) -> dict:
+    """The task of one notebook on a worker: refused when the worker's package source differs
+    from the client's, otherwise executed in the worker's warm kernel. Returns a small record; the
+    notebook's results are files."""
     plugin: KernelPlugin = get_worker().plugins[PLUGIN]
-    failed = [u for u in upstream if u["status"] in ("failed", "blocked")]
-    if failed:
-        job.status, job.error = "blocked", f"not run: {failed[0]['label']} {failed[0]['status']}"
-    elif package_hash() != plugin.source:
+    if package_hash() != plugin.source:
         job.status, job.error = "failed", (f"worker {get_worker().address} on {HOST} now runs other package source "
                                            f"than the grid was planned with; rerun the pipeline")
     else:
@@ -156,9 +158,8 @@ def connect(scheduler: str | None, workers: int, log: Callable[[str], None] = pr
         with client:
             yield client
         return
-    # No work queued on the scheduler: every ready task goes to a worker at once, so the workers
-    # order them by priority (trainings before analyses) instead of the queue sending a ready
-    # analysis ahead of a queued training.
+    # ``dispatch`` never submits more tasks than there are threads, so nothing needs queueing on
+    # the scheduler: each task goes straight to a free worker.
     with dask.config.set({"distributed.scheduler.worker-saturation": "inf"}):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address="127.0.0.1:8787", silence_logs=logging.ERROR)
@@ -174,6 +175,71 @@ def dashboard(client: Client) -> str | None:
     """The dashboard's address, when the scheduler serves one (bokeh installed)."""
     services = client.scheduler_info().get("services", {})
     return client.dashboard_link if "dashboard" in services else None
+
+
+@dataclass(eq=False)
+class Work:
+    """One task for ``dispatch``: ``fn(item)`` on a worker, which returns a record with a
+    ``status``; it may start once every work in ``after`` has finished."""
+
+    item: Any
+    fn: Callable[[Any], dict]
+    priority: int
+    key: str
+    after: list["Work"] = field(default_factory=list)
+    finished: bool = False
+    failed: bool = False  # raised, or its record's status is failed or blocked, or not run
+
+
+def worker_threads(client: Client) -> dict[str, int]:
+    """``{address: threads}`` of the cluster's workers now."""
+    return {a: w.get("nthreads", 1) for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+
+
+def dispatch(client: Client, works: list[Work], settle: Callable[[Work, Any], None],
+             workers: Callable[[], dict[str, int]] | None = None) -> None:
+    """Run ``works`` (given in plan order) on ``client``'s workers as a list schedule: whenever a
+    worker thread is free, the ready work of highest ``priority`` (ties in plan order) is submitted
+    to that worker. A work is ready when every work in its ``after`` has finished; when one of those
+    failed it is not run. ``settle(work, future)`` is called once per work as it ends (``future`` is
+    None for a work not run), in the calling thread. ``workers()`` (default ``worker_threads``) is
+    read again at every step, so workers that join or leave count; a task whose worker dies is
+    rerun by Dask on another one (the restriction to its worker is loose).
+
+    Why the client places the tasks rather than Dask: Dask sends a ready task to a worker at once,
+    judging how busy each worker is by the durations it has measured per key prefix. Every
+    notebook's key is new to it, so a worker an hour into a training looked as free as an idle one:
+    one worker held a queue of trainings while the other sat idle, and work stealing, which judges
+    by the same estimates, moved nothing."""
+    workers = workers or (lambda: worker_threads(client))
+    pending, flight = list(works), {}
+    while pending or flight:
+        blocked = True
+        while blocked:  # a work not run makes the works after it not run either
+            blocked = [w for w in pending if any(u.failed for u in w.after)]
+            for w in blocked:
+                pending.remove(w)
+                w.finished = w.failed = True
+                settle(w, None)
+        ready = sorted((w for w in pending if all(u.finished for u in w.after)), key=lambda w: -w.priority)
+        threads = workers()
+        busy = collections.Counter(address for _, address in flight.values())
+        free = [a for a, n in sorted(threads.items()) for _ in range(n - busy[a])]
+        for w, address in zip(ready, free[:max(0, sum(threads.values()) - len(flight))]):
+            pending.remove(w)
+            future = client.submit(w.fn, w.item, key=w.key, priority=w.priority, pure=False, workers=[address],
+                                   allow_other_workers=True)
+            flight[future] = (w, address)
+        if not flight:
+            if pending:
+                raise PipelineError(f"{len(pending)} jobs wait for jobs that are not in the grid, e.g. {pending[0].key}")
+            return
+        done, _ = wait(list(flight), return_when="FIRST_COMPLETED", timeout=None)
+        for future in done:
+            w, _ = flight.pop(future)
+            w.finished = True
+            w.failed = future.status == "error" or future.result()["status"] in ("failed", "blocked")
+            settle(w, future)
 
 
 def run_grid(client: Client, donors: list[DonorJob], runs: list[list[Job]], finals: list[Job], kernel: str,
@@ -203,38 +269,33 @@ def run_grid(client: Client, donors: list[DonorJob], runs: list[list[Job]], fina
 
     threading.Thread(target=ticker, daemon=True, name="initmi-progress").start()
     try:
-        futures: dict = {}
         for j in jobs:  # trainings come before their analyses in each chain: keys in dependency order
             j.compute_key()
         submitted = [j for j in jobs if not _skip(j, progress)]
         needed = {j.parameters["seed"] for j in submitted if reads_donor(j)}
-        donor_future = {}
+        works, donor_work, work_of = [], {}, {}
         for d in donors:
             if d.seed in needed:
-                f = client.submit(run_donor, d, key=f"donor-s{d.seed}-{grid[:8]}", priority=PRIORITY["donor"],
-                                  pure=False)
-                futures[f], donor_future[d.seed] = d, f
+                donor_work[d.seed] = Work(d, run_donor, PRIORITY["donor"], f"donor-s{d.seed}-{grid[:8]}")
+                works.append(donor_work[d.seed])
             else:  # nothing that reads it runs
                 d.status = "skipped"
                 progress.start(d.label, d.kind)
                 progress.finish(d.label, d.kind, None)
-        future_of: dict[int, object] = {}
         for j in submitted:
-            upstream = [future_of[id(d)] for d in j.depends if id(d) in future_of]
-            if reads_donor(j) and j.parameters["seed"] in donor_future:
-                upstream.append(donor_future[j.parameters["seed"]])
-            f = client.submit(run_notebook, j, *upstream, key=f"{j.label.replace(' ', '-')}-{j.key[:10]}",
-                              priority=PRIORITY[j.kind], pure=False)
-            futures[f], future_of[id(j)] = j, f
-        _collect(futures, progress, log)
+            after = [work_of[id(d)] for d in j.depends if id(d) in work_of]
+            if reads_donor(j) and j.parameters["seed"] in donor_work:
+                after.append(donor_work[j.parameters["seed"]])
+            work_of[id(j)] = Work(j, run_notebook, PRIORITY[j.kind], f"{j.label.replace(' ', '-')}-{j.key[:10]}", after)
+            works.append(work_of[id(j)])
+        settle = functools.partial(_settle, progress=progress, log=log)
+        dispatch(client, works, settle)
         for j in finals:
             # The comparison runs even when some runs failed: its report names the missing runs.
             j.depends = [d for d in j.depends if d.status not in ("failed", "blocked")]
             j.compute_key()
             if not _skip(j, progress):
-                f = client.submit(run_notebook, j, key=f"{j.label}-{j.key[:10]}", priority=PRIORITY[j.kind],
-                                  pure=False)
-                _collect({f: j}, progress, log)
+                dispatch(client, [Work(j, run_notebook, PRIORITY[j.kind], f"{j.label}-{j.key[:10]}")], settle)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
@@ -250,24 +311,25 @@ def _skip(job: Job, progress: Progress) -> bool:
     return False
 
 
-def _collect(futures: dict, progress: Progress, log: Callable[[str], None]) -> None:
-    """Wait for ``futures`` ({future: job}); copy each result onto its job, sign its notebook, log."""
-    for future in as_completed(list(futures)):
-        job = futures[future]
-        if future.status == "error":
-            failed_upstream = [d for d in getattr(job, "depends", []) if d.status in ("failed", "blocked")]
-            job.status = "blocked" if failed_upstream else "failed"
-            error = future.exception()
-            job.error = "" if failed_upstream else f"{type(error).__name__}: {error}"
-            line = (f"[{job.status:>6}] {job.label}" + (f"\n         {job.error}" if job.error else ""))
-        else:
-            result = future.result()
-            job.status, job.seconds, job.error, job.retried = (result["status"], result["seconds"], result["error"],
-                                                               result["retried"])
-            line = result["log"]
-            if isinstance(job, Job) and Path(result["output"]).exists() and job.status in ("ok", "failed"):
-                sign_notebook(result["output"])
-        progress.finish(job.label, job.kind, job.seconds if job.status in ("ok", "failed") else None)
-        if job.status != "blocked":
-            log(line)
-            log(progress.line())
+def _settle(work: Work, future, progress: Progress, log: Callable[[str], None]) -> None:
+    """``dispatch``'s ``settle``: copy a finished work's record onto its job, sign its notebook,
+    log. A work not run (``future`` None) is blocked by the first of its ``after`` that failed."""
+    job = work.item
+    if future is None:
+        cause = next(u.item for u in work.after if u.failed)
+        job.status, job.error = "blocked", f"not run: {cause.label} {cause.status}"
+    elif future.status == "error":
+        error = future.exception()
+        job.status, job.error = "failed", f"{type(error).__name__}: {error}"
+        line = f"[{job.status:>6}] {job.label}\n         {job.error}"
+    else:
+        result = future.result()
+        job.status, job.seconds, job.error, job.retried = (result["status"], result["seconds"], result["error"],
+                                                           result["retried"])
+        line = result["log"]
+        if isinstance(job, Job) and Path(result["output"]).exists() and job.status in ("ok", "failed"):
+            sign_notebook(result["output"])
+    progress.finish(job.label, job.kind, job.seconds if job.status in ("ok", "failed") else None)
+    if job.status != "blocked":
+        log(line)
+        log(progress.line())

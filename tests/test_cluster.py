@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import Client
+from distributed import Client, get_worker
 
-from initmi_utils.cluster import PRIORITY, check_workers, connect
+from initmi_utils.cluster import PRIORITY, Work, check_workers, connect, dispatch
 from initmi_utils.config import RunPaths, experiment
 from initmi_utils.jobs import HOST, Job, JobBusy, Lease, Notebook, PipelineError, _alive
 from initmi_utils.sources import package_hash
@@ -170,31 +170,88 @@ def test_a_lease_from_another_host_is_taken_only_once_it_stops_being_renewed(tmp
         Lease(job, "g1", "w").acquire(clock=lambda: path.stat().st_mtime, sleep=lambda s: None)
 
 
-def _record(label, seconds, *upstream):
+def _pid():
+    return os.getpid()
+
+
+def _record(item):
+    label, seconds, status = item
     start = time.time()
     time.sleep(seconds)
-    return label, start, time.time()
+    return {"label": label, "status": status, "start": start, "end": time.time(), "worker": get_worker().address}
 
 
-def test_a_worker_runs_every_ready_training_before_any_analysis_and_respects_dependencies():
-    # Submitted run by run, as ``run_grid`` does (a run's training, then its analyses). On one
-    # worker every training must still start before any analysis: the priorities decide, not the
-    # order of submission, and no queue on the scheduler holds a ready training back while an
-    # analysis runs. With two workers, the order on each worker follows the same rule; what a
-    # test can check there is the dependencies.
+def _dispatch(client, spec):
+    """``dispatch`` on ``spec`` ({label: (seconds, kind, status, [labels after])}, in plan order);
+    returns {label: record or None when not run} and the order ``settle`` saw."""
+    works = {}
+    for label, (seconds, kind, status, after) in spec.items():
+        works[label] = Work((label, seconds, status), _record, PRIORITY[kind], f"{label}-key",
+                            [works[u] for u in after])
+    records, settled = {}, []
+
+    def settle(work, future):
+        settled.append(work.item[0])
+        records[work.item[0]] = None if future is None else future.result()
+
+    dispatch(client, list(works.values()), settle)
+    return records, settled
+
+
+def test_dispatch_runs_every_ready_training_before_any_analysis_and_respects_dependencies():
+    # Planned run by run, as ``run_grid`` plans (a run's training, then its analyses). With one slot
+    # every training must still start before any analysis: the priorities decide, not the plan
+    # order. With two workers, what a test can check is the dependencies.
+    spec = {}
+    for r in range(3):
+        spec[f"t{r}"] = (0.3, "training", "ok", [])
+        spec |= {f"a{r}{k}": (0.1, "analysis", "ok", [f"t{r}"]) for k in range(2)}
     for workers in (1, 2):
         with connect(None, workers) as client:
-            futures, trains = [], {}
-            for r in range(3):
-                trains[r] = client.submit(_record, f"t{r}", 0.5, priority=PRIORITY["training"], pure=False)
-                futures += [trains[r]] + [client.submit(_record, f"a{r}{k}", 0.1, trains[r], priority=PRIORITY["analysis"],
-                                                        pure=False) for k in range(2)]
-            spans = {label: (start, end) for label, start, end in client.gather(futures)}
+            records, _ = _dispatch(client, spec)
+        first_analysis = min(records[f"a{r}{k}"]["start"] for r in range(3) for k in range(2))
         if workers == 1:
-            first_analysis = min(spans[f"a{r}{k}"][0] for r in range(3) for k in range(2))
-            assert all(spans[f"t{r}"][0] < first_analysis for r in range(3)), spans
+            assert all(records[f"t{r}"]["start"] < first_analysis for r in range(3)), records
         for r in range(3):
-            assert all(spans[f"a{r}{k}"][0] >= spans[f"t{r}"][1] for k in range(2)), spans
+            assert all(records[f"a{r}{k}"]["start"] >= records[f"t{r}"]["end"] for k in range(2)), records
+
+
+def test_dispatch_leaves_no_worker_idle_while_ready_work_waits():
+    # Five runs, each a training and five analyses, on two workers. Handed to Dask all at once (with
+    # priorities, every task's key new to it), the analyses stayed queued on the worker that ran
+    # their training: in one measured case, once the first worker ran out, the second still started
+    # 5 more analyses one after another, all ready for seconds, while the first sat idle. In a list
+    # schedule, when one worker has run out of work nothing is waiting, so the other starts at most
+    # the one job that became free at about the same moment.
+    spec = {}
+    for r in range(5):
+        spec[f"t{r}"] = (1.0, "training", "ok", [])
+        spec |= {f"a{r}{k}": (0.3, "analysis", "ok", [f"t{r}"]) for k in range(5)}
+    with connect(None, 2) as client:
+        client.run(_pid)  # each worker imports this module (and torch) before the clock matters
+        records, _ = _dispatch(client, spec)
+    last_end = {}
+    for r in records.values():
+        last_end[r["worker"]] = max(last_end.get(r["worker"], 0.0), r["end"])
+    assert len(last_end) == 2, last_end
+    first_out = min(last_end, key=last_end.get)
+    late = [label for label, r in records.items() if r["worker"] != first_out and r["start"] > last_end[first_out]]
+    assert len(late) <= 1, (late, records)
+    spans = [(r["start"], r["end"]) for r in records.values()]
+    for start, _ in spans:
+        assert sum(s <= start < e for s, e in spans) <= 2, spans
+
+
+def test_dispatch_does_not_run_what_follows_a_failure_and_runs_the_rest():
+    spec = {"t0": (0.0, "training", "failed", []), "a0": (0.0, "analysis", "ok", ["t0"]),
+            "b0": (0.0, "analysis", "ok", ["a0"]), "t1": (0.0, "training", "ok", []),
+            "a1": (0.0, "analysis", "ok", ["t1"])}
+    with connect(None, 1) as client:
+        records, settled = _dispatch(client, spec)
+    assert records["a0"] is None and records["b0"] is None  # blocked, transitively
+    assert records["t1"]["status"] == "ok" and records["a1"]["status"] == "ok"
+    assert sorted(settled) == sorted(spec)  # every work settled exactly once
+    assert settled.index("a0") < settled.index("b0")
 
 
 @pytest.mark.slow
