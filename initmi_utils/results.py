@@ -179,7 +179,9 @@ def findings_markdown(findings: pd.DataFrame, manifest: dict, results: str) -> s
              f"evidence, tests and definitions are in the report (`figures/{manifest['preset']}/report.html`).", "",
              f"Runs computed at commit(s) {', '.join(c[:12] for c in commits)}, torch "
              f"{manifest['libraries'].get('torch')}, transformer_lens {manifest['libraries'].get('transformer-lens')}, "
-             f"on {'; '.join(machines) or 'unrecorded machines'}.", ""]
+             f"on {'; '.join(machines) or 'unrecorded machines'}. Every run's tables come from the same analysis code: "
+             f"the import-closure hash of each notebook (`sources.closure_hash`), " +
+             ", ".join(f"{n} `{h[:12]}`" for n, h in sorted(manifest["notebooks"].items())) + ".", ""]
     for question, g in findings.groupby("question", sort=False):
         lines += [f"## {question}", ""] + [f"- {s}" for s in g.sentence] + [""]
     return "\n".join(lines)
