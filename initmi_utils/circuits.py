@@ -304,20 +304,30 @@ def circuits_table(model: Transformer, step: int, null: CompositionNull | None =
 # Notebook 06's tables (here and not in ``geometry``, which sits below this module).
 
 
+SINGULAR_VALUES = ("ends", "all", "none")  # where notebook 06 stores every singular value
+
+
 def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_sequences: int = 64, null_models: int = 8,
-           store_singular_values: bool = True, null: CompositionNull | None = None) -> dict[str, pd.DataFrame]:
+           singular_values: str = "ends", null: CompositionNull | None = None) -> dict[str, pd.DataFrame]:
     """Notebook 06's tables of run ``cfg`` under ``root``, every checkpoint: ``{"geometry", "circuits"}``.
 
     - ``geometry``: ``geometry.geometry_table`` from one cached bridge forward on the first
-      ``n_sequences`` of ``val``, drift measured from this run's step 0 (every singular value too
-      if ``store_singular_values``);
+      ``n_sequences`` of ``val``, drift measured from this run's step 0, with every singular value
+      (metric ``singular_value``) at the checkpoints ``singular_values`` names: ``"ends"`` (step 0
+      and the last checkpoint, what notebook 06's spectra figure shows), ``"all"`` or ``"none"``.
+      The summaries (``spectral_norm``, ``effective_rank``) are at every checkpoint either way.
+      Why not every value at every checkpoint by default: they are 90 % of a run's geometry rows,
+      and the published study keeps every run's tables in git;
     - ``circuits``: ``circuits_table`` with composition z-scores against ``null``, by default
       ``composition_null`` of ``null_models`` fresh inits of the run's scheme (pass one already
       drawn, e.g. to print it first, to draw it once).
 
     Raises ``CheckpointError`` naming the training to run if the run is not trained.
     """
+    if singular_values not in SINGULAR_VALUES:
+        raise ValueError(f"singular_values={singular_values!r}: use one of {', '.join(SINGULAR_VALUES)}.")
     ckpts = list_checkpoints(cfg, root)
+    spectra_at = {"all": set(ckpts.steps), "ends": {ckpts.steps[0], ckpts.steps[-1]}, "none": set()}[singular_values]
     tokens = load_dataset(cfg, root).val.tokens[:n_sequences]
     names = hook_names(cfg.model.n_layers)
     model0, _ = ckpts.load(0)  # the drift reference: this run at step 0
@@ -327,6 +337,6 @@ def tables(cfg: ExperimentConfig, root: str | Path | None = None, n_sequences: i
     for step, model, bridge in ckpts.bridges():
         with torch.no_grad():
             _, cache = bridge.run_with_cache(tokens, names_filter=names)
-        geo_frames.append(geometry_table(model, model0, cache, step, with_spectra=store_singular_values))
+        geo_frames.append(geometry_table(model, model0, cache, step, with_spectra=step in spectra_at))
         circ_frames.append(circuits_table(model, step, null, n_pos=cfg.data.seq_len))
     return {"geometry": pd.concat(geo_frames, ignore_index=True), "circuits": pd.concat(circ_frames, ignore_index=True)}

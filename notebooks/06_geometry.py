@@ -29,7 +29,7 @@ preset: str = "quick"  # smoke (seconds) | quick (minutes) | full (the study)
 root: str = ""  # project root for checkpoints/, data/ and figures/; empty: this project, wherever the kernel runs
 n_sequences: int = 64  # validation sequences for the activation metrics (norms, entropy, head similarity)
 null_models: int = 8  # fresh inits of this scheme forming the composition-score null
-store_singular_values: bool = True  # also store every singular value (metric singular_value), not only summaries
+singular_values: str = "ends"  # every singular value (metric singular_value) at: ends (step 0 and the last checkpoint) | all | none
 scheme_modules: str = ""  # comma-separated .py files that register schemes; empty: none, or the INITMI_SCHEME_MODULES variable
 
 # %%
@@ -64,7 +64,7 @@ print("composition null (mean ± std):", {f"{m} L{s}->L{l}": f"{null.mean[(m, s,
 # `circuits.tables` computes both tables in one pass over the checkpoints, with the null drawn above.
 
 # %%
-tables = geometry_circuits_tables(cfg, root, n_sequences=n_sequences, store_singular_values=store_singular_values, null=null)
+tables = geometry_circuits_tables(cfg, root, n_sequences=n_sequences, singular_values=singular_values, null=null)
 for name, df in tables.items():
     write_table(df, cfg, name, root)
 geometry, circuits = tables["geometry"], tables["circuits"]

@@ -196,12 +196,20 @@ def test_logit_lens_tables(run):
 
 def test_geometry_and_circuits_tables(run):
     cfg, root = run
-    out = circuits.tables(cfg, root, n_sequences=8, null_models=2, store_singular_values=False)
+    out = circuits.tables(cfg, root, n_sequences=8, null_models=2, singular_values="none")
     assert set(out) == {"geometry", "circuits"}
     geo, circ = out["geometry"], out["circuits"]
     for df in (geo, circ):
         assert sorted(df.step.unique()) == list(STEPS)
     assert "singular_value" not in set(geo.metric) and "effective_rank" in set(geo.metric)
+    # by default every singular value at the first and last checkpoints only; the summaries everywhere
+    ends = circuits.tables(cfg, root, n_sequences=8, null_models=2)["geometry"]
+    assert sorted(ends[ends.metric == "singular_value"].step.unique()) == [STEPS[0], STEPS[-1]]
+    assert sorted(ends[ends.metric == "effective_rank"].step.unique()) == list(STEPS)
+    pd.testing.assert_frame_equal(ends[ends.metric != "singular_value"].drop(columns="sv_index").reset_index(drop=True),
+                                  geo.reset_index(drop=True), check_like=True)
+    with pytest.raises(ValueError, match="singular_values='some'"):
+        circuits.tables(cfg, root, singular_values="some")
     assert (geo[(geo.step == 0) & (geo.metric == "drift")].value == 0).all()  # drift is measured from step 0
     assert {"ov_copying_score", "qk_prev_token_score", "k_composition", "k_composition_z"} <= set(circ.metric)
     k = circ[(circ.step == FINAL) & (circ.metric == "k_composition_z")]
@@ -210,7 +218,7 @@ def test_geometry_and_circuits_tables(run):
 
     # the default null is composition_null of the run's scheme: passing it in gives the same table
     null = circuits.composition_null(cfg.model, cfg.run.scheme, 2)
-    again = circuits.tables(cfg, root, n_sequences=8, store_singular_values=False, null=null)
+    again = circuits.tables(cfg, root, n_sequences=8, singular_values="none", null=null)
     pd.testing.assert_frame_equal(again["circuits"], circ)
 
     model, model0 = _load(run, 5), _load(run, 0)
