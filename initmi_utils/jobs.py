@@ -97,7 +97,6 @@ def _hash(*parts: object) -> str:
 
 
 @dataclass
-@dataclass
 class Job:
     """One notebook execution."""
 
@@ -138,7 +137,7 @@ class Job:
         imports = self.notebook.imports | ({"initmi_utils.donor"} if reads_donor(self) else set())
         self.key = _hash(self.notebook.path.read_bytes(), result_params, closure_hash(imports),
                          [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in modules],
-                         [d.key for d in self.depends])
+                         [d.key or d.compute_key() for d in self.depends])  # a training not run: keyed all the same
         return self.key
 
     def up_to_date(self) -> bool:

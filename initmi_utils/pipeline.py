@@ -39,21 +39,30 @@ import initmi_utils.seeded  # noqa: F401  (registers the `seeded` scheme)
 
 
 def plan(preset: str, schemes: list[str], seeds: list[int], notebooks: list[Notebook], root: Path,
-         extra: dict) -> tuple[list[list[Job]], list[Job]]:
-    """Per-run chains of jobs and the per-preset jobs that depend on all of them."""
+         extra: dict, all_notebooks: list[Notebook] | None = None) -> tuple[list[list[Job]], list[Job]]:
+    """Per-run chains of jobs and the per-preset jobs that depend on all of them. ``notebooks`` are
+    the ones to run; ``all_notebooks`` (default: the same) lets an analysis be keyed on its run's
+    training even when 01 is not among them, so that a job's key, and whether it is up to date,
+    do not depend on which other notebooks were selected: 06 run alone is up to date for the
+    whole grid afterwards. A training not selected is not run and not waited for."""
     chains = []
+    training = next((n for n in (all_notebooks or notebooks) if n.per_run and n.number == "01"), None)
     for scheme in schemes:
         for seed in seeds:
             paths = RunPaths.of(experiment(preset, scheme, seed), root)
-            chain: list[Job] = []
-            for nb in (n for n in notebooks if n.per_run):
+
+            def job(nb: Notebook, depends: list[Job]) -> Job:
                 params = {"scheme": scheme, "seed": seed, "preset": preset, "root": str(root)}
                 params.update({k: v for k, v in extra.items() if k in nb.parameters and k != "scheme_modules"})
                 if SCHEMES[scheme].source and "scheme_modules" in nb.parameters:  # a user's scheme: its file,
                     params["scheme_modules"] = extra["scheme_modules"]  # in its runs' keys only
-                # The analyses read the first notebook's checkpoints, never each other's tables.
-                chain.append(Job(nb, paths.notebooks / nb.path.name, params, depends=chain[:1],
-                                 scratch=(paths.notebooks, paths.tables, paths.checkpoints)))
+                return Job(nb, paths.notebooks / nb.path.name, params, depends=depends,
+                           scratch=(paths.notebooks, paths.tables, paths.checkpoints))
+
+            train = job(training, []) if training else None
+            chain = [train] if training in notebooks else []
+            # The analyses read the first notebook's checkpoints, never each other's tables.
+            chain += [job(nb, [train] if train else []) for nb in notebooks if nb.per_run and nb is not training]
             chains.append(chain)
     finals = []
     all_runs = [j for c in chains for j in c]
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = discover()
         a, schemes, seeds, selected, extra = parse_args(argv, notebooks)
         root = resolve_root(a.root).resolve()
-        chains, finals = plan(a.preset, schemes, seeds, selected, root, extra)
+        chains, finals = plan(a.preset, schemes, seeds, selected, root, extra, all_notebooks=notebooks)
         kernel = ensure_kernel()
         threads = a.kernel_threads or (None if a.scheduler else max(1, (os.cpu_count() or 1) // a.workers))
         donors = [DonorJob(a.preset, seed, root) for seed in seeds] if needs_donor(schemes, selected) else []

@@ -127,6 +127,23 @@ def test_analyses_depend_on_their_run_s_training_only_and_the_comparison_on_ever
     assert finals[0].depends == [j for c in chains for j in c]
 
 
+def test_a_job_s_key_does_not_depend_on_which_other_notebooks_are_selected(tmp_path):
+    # 06 run alone (``--notebooks 06``) must be up to date for the whole grid afterwards, and the
+    # other way round: its key is the same, training included, whatever else was selected.
+    notebooks = discover()
+    chains, _ = plan("smoke", ["normal"], [0], notebooks, tmp_path, {})
+    keys = {j.notebook.number: j.compute_key() for j in chains[0]}
+    alone, _ = plan("smoke", ["normal"], [0], [n for n in notebooks if n.number == "06"], tmp_path, {},
+                    all_notebooks=notebooks)
+    assert [j.notebook.number for j in alone[0]] == ["06"]
+    assert alone[0][0].compute_key() == keys["06"]
+    assert alone[0][0].depends[0].notebook.number == "01"  # keyed on it, not run
+    # a different training changes it: the dependency is real
+    other, _ = plan("smoke", ["normal"], [0], [n for n in notebooks if n.number == "06"], tmp_path,
+                    {"extend_to": 0}, all_notebooks=notebooks)
+    assert other[0][0].compute_key() != keys["06"]
+
+
 @pytest.mark.slow
 def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
     out = pipeline("--preset", "smoke", "--workers", "2", root=tmp_path)
