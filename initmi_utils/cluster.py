@@ -231,9 +231,16 @@ def dispatch(client: Client, works: list[Work], settle: Callable[[Work, Any], No
                                    allow_other_workers=True)
             flight[future] = (w, address)
         if not flight:
-            if pending:
+            if not pending:
+                return
+            if not ready:
                 raise PipelineError(f"{len(pending)} jobs wait for jobs that are not in the grid, e.g. {pending[0].key}")
-            return
+            try:  # ready work and no worker at the moment (the last one died, its nanny restarts it)
+                client.wait_for_workers(1, timeout=WORKER_WAIT)
+            except (TimeoutError, OSError):
+                raise PipelineError(f"the Dask scheduler at {client.scheduler.address} has had no workers for "
+                                    f"{WORKER_WAIT} s with {len(pending)} jobs left; start some, then rerun.") from None
+            continue
         done, _ = wait(list(flight), return_when="FIRST_COMPLETED", timeout=None)
         for future in done:
             w, _ = flight.pop(future)

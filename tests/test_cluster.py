@@ -242,6 +242,19 @@ def test_dispatch_leaves_no_worker_idle_while_ready_work_waits():
         assert sum(s <= start < e for s, e in spans) <= 2, spans
 
 
+def test_dispatch_waits_for_a_worker_when_there_is_none_for_a_moment():
+    spec = {"t0": (0.0, "training", "ok", []), "a0": (0.0, "analysis", "ok", ["t0"])}
+    works = {}
+    for label, (seconds, kind, status, after) in spec.items():
+        works[label] = Work((label, seconds, status), _record, PRIORITY[kind], f"{label}-key", [works[u] for u in after])
+    seen = []
+    with connect(None, 1) as client:
+        real = {a: 1 for a in client.scheduler_info()["workers"]}
+        answers = iter([real, {}, {}])  # after t0: no worker twice, then the worker is back
+        dispatch(client, list(works.values()), lambda w, f: seen.append(w.item[0]), lambda: next(answers, real))
+    assert seen == ["t0", "a0"]
+
+
 def test_dispatch_does_not_run_what_follows_a_failure_and_runs_the_rest():
     spec = {"t0": (0.0, "training", "failed", []), "a0": (0.0, "analysis", "ok", ["t0"]),
             "b0": (0.0, "analysis", "ok", ["a0"]), "t1": (0.0, "training", "ok", []),
