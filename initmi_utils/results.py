@@ -25,7 +25,9 @@ Command line::
 
 ``report`` also writes ``docs/findings.md`` (``findings_markdown``): the report's findings, every
 number inserted by code, with the manifest's provenance and nothing time-dependent, so that
-regenerating it from the same results gives the same file.
+regenerating it from the same results gives the same file, and publishes the comparison's tables
+beside the results (``results/<preset>/compare/*.csv``, ``publish_compare``): every CSV notebook 07
+writes but the large restatements of the run tables, floats rounded to 6 significant digits.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ from initmi_utils.tables import read_table
 
 RESULTS_DIR = "results"  # under the project root: results/<preset>/
 LABELS_DIR = "labels"  # results/labels/<preset>_seeds<a>-<b>.csv: label validation on held-out seeds
+COMPARE_DIR = "compare"  # results/<preset>/compare/<name>.csv: the comparison's tables, as the report wrote them
+# Compare tables not published: row-by-row restatements of the run tables (every run's geometry
+# features at every checkpoint) and the per-step means behind the curve figures. Both are several MB,
+# and the report recomputes them from the published run tables.
+UNPUBLISHED_TABLES = ("geometry_features", "curves")
+CSV_FLOAT = "%.6g"  # published CSVs: 6 significant digits, so the last bits of a CPU's arithmetic do not show
 
 
 class ResultsError(RuntimeError):
@@ -187,12 +195,52 @@ def findings_markdown(findings: pd.DataFrame, manifest: dict, results: str) -> s
     return "\n".join(lines)
 
 
+def publish_compare(table_dir: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the comparison's tables (the CSVs notebook 07 wrote in ``table_dir``) to ``dest``,
+    replacing what was there: floats to 6 significant digits, so that the same results give the
+    same files on any machine. Leaves out ``UNPUBLISHED_TABLES``. Returns the written paths."""
+    table_dir, dest = Path(table_dir), Path(dest)
+    names = sorted(p.stem for p in table_dir.glob("*.csv") if p.stem not in UNPUBLISHED_TABLES)
+    if not names:
+        raise ResultsError(f"no comparison tables in {table_dir}: run notebook 07 (or the report) first.")
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.csv"):
+        if old.stem not in names:
+            old.unlink()
+    written = []
+    for name in names:
+        table = pd.read_csv(table_dir / f"{name}.csv", keep_default_na=False, na_values=[""])
+        written.append(dest / f"{name}.csv")
+        atomic_write_text(written[-1], table.to_csv(index=False, float_format=CSV_FLOAT))
+    return written
+
+
+def compare_differences(table_dir: str | Path, published: str | Path, rtol: float = 1e-5) -> list[str]:
+    """What differs between the comparison's tables in ``table_dir`` (as 07 wrote them) and those
+    published in ``published``: missing or extra tables, other columns or rows, values beyond
+    ``rtol`` (the published floats are rounded to 6 digits). Empty when they agree."""
+    table_dir, published = Path(table_dir), Path(published)
+    fresh = {p.stem for p in table_dir.glob("*.csv") if p.stem not in UNPUBLISHED_TABLES}
+    have = {p.stem for p in published.glob("*.csv")}
+    problems = [f"{n}.csv: not published" for n in sorted(fresh - have)]
+    problems += [f"{n}.csv: published but no longer computed" for n in sorted(have - fresh)]
+    for name in sorted(fresh & have):
+        a = pd.read_csv(table_dir / f"{name}.csv", keep_default_na=False, na_values=[""])
+        b = pd.read_csv(published / f"{name}.csv", keep_default_na=False, na_values=[""])
+        try:
+            pd.testing.assert_frame_equal(a, b, check_dtype=False, check_exact=False, rtol=rtol, atol=1e-12)
+        except AssertionError as e:
+            problems.append(f"{name}.csv: {' '.join(str(e).split())[:300]}")
+    return problems
+
+
 def report(preset: str, results: str | Path | None = None, root: str | Path | None = None,
-           doc: str | Path | None = None) -> Path:
+           doc: str | Path | None = None, tables: str | Path | None = None) -> Path:
     """Run notebook 07 on the published results (no checkpoints needed): the report goes to
-    ``<root>/figures/<preset>/report.html`` and the findings to ``doc`` (default
-    ``<root>/docs/findings.md`` for the full preset, ``<root>/docs/findings_<preset>.md`` otherwise);
-    returns the executed notebook's path."""
+    ``<root>/figures/<preset>/report.html``, the findings to ``doc`` (default
+    ``<root>/docs/findings.md`` for the full preset, ``<root>/docs/findings_<preset>.md`` otherwise)
+    and the comparison's tables to ``tables`` (default ``<results>/compare``, published with the
+    results: ``publish_compare``); returns the executed notebook's path."""
     results = Path(results) if results else project_root() / RESULTS_DIR / preset
     manifest = read_manifest(results)
     if manifest is None:
@@ -215,8 +263,10 @@ def report(preset: str, results: str | Path | None = None, root: str | Path | No
         else results.name
     doc.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(doc, findings_markdown(found, manifest, shown))
+    tables = Path(tables) if tables else results / COMPARE_DIR
+    publish_compare(root / "data" / "compare" / preset, tables)
     print(f"report from {results} in {time.perf_counter() - start:.0f} s: {root / 'figures' / preset / 'report.html'}, "
-          f"{doc}")
+          f"{doc}, {tables}")
     return out
 
 
@@ -272,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--results", default=None, help="default results/<preset>")
     rep.add_argument("--root", default=None, help="where figures/ and data/compare/ are written (default: this project)")
     rep.add_argument("--doc", default=None, help="the findings' Markdown (default: docs/findings.md for full)")
+    rep.add_argument("--tables", default=None, help="where the comparison's CSVs are published (default "
+                                                    "<results>/compare)")
     lab = sub.add_parser("labels", help="mechanism labels vs causal evidence on held-out seeds (notebook 04's evidence)")
     lab.add_argument("--preset", required=True)
     lab.add_argument("--seeds", required=True, help="comma-separated held-out seeds, e.g. 5,6,7,8,9")
@@ -291,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{name}:\n{t.to_string()}")
             print(f"\nper-checkpoint evidence: {path}")
         else:
-            report(a.preset, a.results, a.root, a.doc)
+            report(a.preset, a.results, a.root, a.doc, a.tables)
     except (ResultsError, PipelineError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

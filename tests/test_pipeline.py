@@ -15,6 +15,7 @@ from initmi_utils.config import PRESET_SEEDS, RunPaths, experiment
 import initmi_utils.jobs as jobs_module
 from initmi_utils.jobs import DonorJob, Progress, discover, needs_donor
 from initmi_utils.pipeline import plan
+from initmi_utils.results import compare_differences
 from initmi_utils.schemes import SCHEMES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,13 +196,24 @@ def test_smoke_grid_runs_every_notebook_for_every_scheme(tmp_path):
     out = _results("report", "--preset", "smoke", "--results", str(results), "--root", str(tmp_path / "elsewhere"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (tmp_path / "elsewhere" / "figures" / "smoke" / "report.html").exists()
-    assert not (results / "data" / "synthetic").exists() and not (results / "figures").exists()  # read, never written
+    assert not (results / "data" / "synthetic").exists() and not (results / "figures").exists()  # runs only read
     doc = (tmp_path / "elsewhere" / "docs" / "findings_smoke.md").read_text()
     sentences = pd.read_csv(tmp_path / "data" / "compare" / "smoke" / "findings.csv").sentence
     assert all(f"- {s}" in doc for s in sentences) and "(smoke preset)" in doc
     for table in ("emergence", "final", "findings"):
         again_t = pd.read_csv(tmp_path / "elsewhere" / "data" / "compare" / "smoke" / f"{table}.csv")
         pd.testing.assert_frame_equal(again_t, pd.read_csv(tmp_path / "data" / "compare" / "smoke" / f"{table}.csv"))
+    # The comparison's tables are published beside the results, rounded, and checkable against a
+    # fresh comparison: agreeing with the one from checkpoints, and a changed value is named.
+    published = results / "compare"
+    assert (published / "findings.csv").exists() and not (published / "geometry_features.csv").exists()
+    assert compare_differences(tmp_path / "data" / "compare" / "smoke", published) == []
+    final = pd.read_csv(published / "final.csv")
+    column = next(c for c in final.columns if pd.api.types.is_float_dtype(final[c]) and final[c].notna().any())
+    final.loc[final[column].notna().idxmax(), column] += 1.0
+    final.to_csv(published / "final.csv", index=False)
+    assert [d.split(":")[0] for d in compare_differences(tmp_path / "data" / "compare" / "smoke", published)] \
+        == ["final.csv"]
     # Not one source: refused, naming what changed, and nothing written.
     before = (results / "manifest.json").read_text()
     manifest["notebooks"]["05_logit_lens"] = "0" * 16

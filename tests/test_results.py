@@ -1,6 +1,7 @@
-"""The published study: ``docs/findings.md`` is what the code writes from ``results/full``, and the
-README's quoted findings are in it (both checked once every run of the full study is published;
-publishing and the report from results are tested on a smoke grid in ``tests/test_pipeline.py``)."""
+"""The published study: ``docs/findings.md`` and the comparison's tables in ``results/full/compare``
+are what the code writes from the run tables in ``results/full``, and the README's quoted findings
+are in it (checked once every run of the full study is published; publishing and the report from
+results are tested on a smoke grid in ``tests/test_pipeline.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from initmi_utils import compare
 from initmi_utils.config import PRESET_SEEDS
-from initmi_utils.results import findings_markdown
+from initmi_utils.results import COMPARE_DIR, compare_differences, findings_markdown
 from initmi_utils.schemes import SCHEMES
 from initmi_utils.study import read_manifest
 
@@ -52,6 +53,7 @@ def test_findings_doc_is_regenerated_from_the_published_results(tmp_path):
     results, _ = compare.run_compare("full", RESULTS, static=False, out_root=tmp_path)
     found = next(r for r in results if "findings" in r.tables).tables["findings"]
     assert findings_markdown(found, read_manifest(RESULTS), "results/full") == FINDINGS.read_text(encoding="utf-8")
+    assert compare_differences(tmp_path / "data" / "compare" / "full", RESULTS / COMPARE_DIR) == []
 
 
 @published
