@@ -6,7 +6,7 @@ induction through K) must be ``classic_induction`` and agree; the same model wit
 head (L1H2's key zeroed: uniform attention) is ``none`` with no deciding head; the same model
 with its unembedding zeroed keeps the classic attention but never copies, so it is ``partial``
 and the causal evidence fails. The two-path mechanisms (shifted, recall) have no hand-built model:
-``causal_verdict`` is checked on the numbers measured on trained runs (docs/findings.md).
+``causal_verdict`` is checked on the numbers measured on trained runs (docs/exploration.md).
 """
 
 import math
