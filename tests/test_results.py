@@ -43,7 +43,7 @@ def test_published_runs_are_runs_of_the_study():
 def readme_quotes() -> list[str]:
     """The README's quoted findings: the ``> `` lines of its "Findings" section."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^## Findings\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    section = re.search(r"^## Findings\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
     return [line[2:].strip() for line in section.group(1).splitlines() if line.startswith("> ")] if section else []
 
 
